@@ -1,0 +1,399 @@
+r"""The causal-attention bijector: causal self-attention read as a latent-noise flow (Section 2, eq. 4).
+
+.. math::
+
+    z_t = x_t - c_t(x), \qquad c_t = \sum_h W_o^h \sum_{s \in \mathcal{C}(t)} \alpha^h_{ts} W_v^h x_s,
+    \qquad \alpha^h_{ts} = \operatorname{softmax}_{s \in \mathcal{C}(t)}(q^h_t \cdot k^h_s),
+
+with ``q^h_t = W_q^h x_t``, ``k^h_s = W_k^h x_s`` (the ``1/sqrt(d_k)`` scale is absorbed into ``W_q``) and
+the context ``C(t) = {s < t}`` (strict causal, the paper's main text) or ``{s <= t}`` (Appendix A).
+The first position always has an empty context, ``c_1 = 0`` (so ``z_1 = x_1``); with the current
+position included this is a convention, needed because ``alpha_11 = 1`` would make ``z_1 = 0``.
+
+``dz/dx`` is block lower-triangular (Lemma B.3), so the log-density needs only the diagonal blocks
+(Theorem 1)::
+
+    strict:           J_tt = I - sum_h W_o^h W_v^h Sigma^h_t W_k^hT W_q^h
+    include current:  J_tt = I - sum_h W_o^h [alpha^h_tt W_v^h + W_v^h Sigma'^h_t W_k^hT W_q^h
+                                              + alpha^h_tt W_v^h (x_t - mu'^h_t)(W_k^hT q^h_t)^T]
+
+where ``Sigma_t`` (eq. 13) is the attention-weighted covariance of the attended embeddings.
+Without a value projection ``W_v = I``; without an output projection ``W_o = I / H`` (the heads'
+contexts are averaged). The exact ``log|det J_tt|`` is computed either as a ``d x d`` determinant
+(``logdet="full"``) or, by Sylvester's identity ``det(I_d - U W^T) = det(I_r - W^T U)``, as an
+``r x r`` determinant with ``r = H d_k`` (strict) or ``H (d_k + 1)`` (current position included, no
+projections), built from the query/key tensors already computed (``logdet="sylvester"``).
+
+Pyro's conventions hold: ``_call`` is the generative direction ``z -> x`` (an implicit equation per
+position, solved by Newton's method with the closed-form block), ``_inverse`` is ``x -> z``
+(explicit, parallel over ``t``), and ``log_abs_det_jacobian(z, x) = log|dx/dz| = -sum_t log|det J_tt|``,
+minus the margin barrier.
+
+Example:
+    >>> import torch
+    >>> T = CausalAttentionTransform(dim=4, n_heads=2, head_dim=2, coupling="repulsive")
+    >>> x = torch.randn(3, 5, 4)                 # batch x time x dim
+    >>> z = T.inv(x)
+    >>> torch.allclose(T(z), x, atol=1e-4)
+    True
+    >>> T.log_abs_det_jacobian(z, x).shape
+    torch.Size([3])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor, nn
+from torch.distributions import Distribution, constraints
+
+from .statistics import weighted_cross_covariance, weighted_mean
+
+__all__ = ["CausalAttentionTransform", "AttentionState", "InversionError", "Coupling", "LogdetMethod"]
+
+Coupling = Literal["free", "repulsive", "barrier"]
+LogdetMethod = Literal["auto", "sylvester", "full"]
+
+
+class InversionError(RuntimeError):
+    """The implicit equation ``x_t - c_t(x) = z_t`` could not be solved (e.g. at a fold of the map)."""
+
+
+@dataclass(frozen=True)
+class AttentionState:
+    """One pass of the attention prior over a sequence; queries are the positions ``start..S-1``.
+
+    Shapes: ``alpha (N, H, Tq, S)``, ``q (N, H, Tq, d_k)``, ``k (N, H, S, d_k)``, ``v (N, H, S, d_v)``,
+    ``context (N, Tq, d)``, ``x (N, S, d)``.
+    """
+
+    x: Tensor
+    start: int
+    alpha: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    context: Tensor
+
+    @property
+    def self_weight(self) -> Tensor:
+        """``alpha_tt`` for each query (zeros in strict-causal mode), shape ``(N, H, Tq)``."""
+        tq = self.alpha.shape[-2]
+        return self.alpha[..., torch.arange(tq), torch.arange(tq) + self.start]
+
+
+class CausalAttentionTransform(TransformModule):
+    """Causal self-attention as a bijector on sequences, event shape ``(T, d)``.
+
+    Args:
+        dim: embedding dimension ``d``.
+        n_heads: number of heads ``H``.
+        head_dim: query/key size ``d_k`` (default ``d // H``); ``H d_k < d`` is the low-rank case.
+        value_proj: learn ``W_v^h``; otherwise the values are the embeddings (``W_v = I``).
+        output_proj: learn ``W_o^h`` (``d x d_v``); otherwise heads are averaged (``W_o = I / H``).
+            The value size ``d_v`` is ``d_k`` when both projections are on, else ``d``.
+        include_current: attend to ``s <= t`` (Appendix A) instead of ``s < t``.
+        coupling: ``"free"`` (independent ``W_q, W_k``), ``"repulsive"`` (``W_q = -W_k``, so
+            ``A = W_k^T W_q`` is negative semi-definite) or ``"barrier"`` (``W_q = W_k``, ``A >= 0``:
+            the paper's positive-coupling regime, Section 3.4). With one head, no projections and strict
+            causality, ``"repulsive"`` makes every ``det J_tt >= 1``: the map is a global diffeomorphism
+            (Hadamard) and the prior is normalized. The guarantee is not claimed for other options.
+        logdet: ``"sylvester"``, ``"full"`` or ``"auto"`` (Sylvester whenever it is available and smaller).
+        init_scale: standard deviation of the initial weights (default ``d ** -0.5``).
+        newton_tol: relative tolerance of the ``z -> x`` solve (default: ``1e3 * eps`` of the dtype).
+        newton_max_iter: Newton iterations per position before :class:`InversionError`.
+    """
+
+    domain = constraints.independent(constraints.real, 2)
+    codomain = constraints.independent(constraints.real, 2)
+    bijective = True
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int = 1,
+        head_dim: int | None = None,
+        *,
+        value_proj: bool = False,
+        output_proj: bool = False,
+        include_current: bool = False,
+        coupling: Coupling = "free",
+        logdet: LogdetMethod = "auto",
+        init_scale: float | None = None,
+        newton_tol: float | None = None,
+        newton_max_iter: int = 50,
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        if n_heads < 1:
+            raise ValueError(f"n_heads must be positive, got {n_heads}")
+        head_dim = head_dim if head_dim is not None else dim // n_heads
+        if dim < 1 or head_dim < 1:
+            raise ValueError(f"dim, n_heads and head_dim must be positive, got {dim}, {n_heads}, {head_dim}")
+        if coupling not in ("free", "repulsive", "barrier"):
+            raise ValueError(f"coupling must be 'free', 'repulsive' or 'barrier', got {coupling!r}")
+        if logdet not in ("auto", "sylvester", "full"):
+            raise ValueError(f"logdet must be 'auto', 'sylvester' or 'full', got {logdet!r}")
+        self.dim, self.n_heads, self.head_dim = dim, n_heads, head_dim
+        self.value_dim = head_dim if (value_proj and output_proj) else dim
+        self.include_current, self.coupling, self.logdet = include_current, coupling, logdet
+        self.newton_tol, self.newton_max_iter = newton_tol, newton_max_iter
+        scale = init_scale if init_scale is not None else dim**-0.5
+        self.w_k = nn.Parameter(scale * torch.randn(n_heads, head_dim, dim))
+        self._w_q = nn.Parameter(scale * torch.randn(n_heads, head_dim, dim)) if coupling == "free" else None
+        self.w_v = nn.Parameter(scale * torch.randn(n_heads, self.value_dim, dim)) if value_proj else None
+        self.w_o = nn.Parameter(scale * torch.randn(n_heads, dim, self.value_dim)) if output_proj else None
+        if logdet == "sylvester" and not self.has_sylvester:
+            raise ValueError("the Sylvester log-det needs strict causality, or no value/output projections")
+
+    # ----------------------------------------------------------------------------------------- weights
+    @property
+    def w_q(self) -> Tensor:
+        """Query weights ``(H, d_k, d)``, tied to ``W_k`` by the coupling."""
+        if self.coupling == "repulsive":
+            return -self.w_k
+        if self.coupling == "barrier":
+            return self.w_k
+        return self._w_q
+
+    @property
+    def coupling_matrix(self) -> Tensor:
+        """``A^h = W_k^hT W_q^h``, shape ``(H, d, d)`` (Theorem 1)."""
+        return self.w_k.transpose(-1, -2) @ self.w_q
+
+    @property
+    def has_sylvester(self) -> bool:
+        """Whether the low-rank Sylvester determinant applies to these options."""
+        return not self.include_current or (self.w_v is None and self.w_o is None)
+
+    @property
+    def sylvester_rank(self) -> int:
+        """Size ``r`` of the Sylvester determinant."""
+        return self.n_heads * (self.head_dim + int(self.include_current))
+
+    @property
+    def uses_sylvester(self) -> bool:
+        """Whether :meth:`log_abs_det_blocks` takes the ``r x r`` path."""
+        if self.logdet == "auto":
+            return self.has_sylvester and self.sylvester_rank < self.dim
+        return self.logdet == "sylvester"
+
+    def _output_map(self) -> Tensor:
+        """``W_o^h``, shape ``(H, d, d_v)``; ``I / H`` without an output projection."""
+        if self.w_o is not None:
+            return self.w_o
+        eye = torch.eye(self.dim, dtype=self.w_k.dtype, device=self.w_k.device)
+        return (eye / self.n_heads).expand(self.n_heads, self.dim, self.dim)
+
+    def _value_map(self) -> Tensor:
+        """``W_v^h``, shape ``(H, d_v, d)``; the identity without a value projection."""
+        if self.w_v is not None:
+            return self.w_v
+        eye = torch.eye(self.dim, dtype=self.w_k.dtype, device=self.w_k.device)
+        return eye.expand(self.n_heads, self.dim, self.dim)
+
+    # ------------------------------------------------------------------------------------ forward pass
+    def validate_embeddings(self, x: Tensor) -> None:
+        """Raise ``ValueError`` for a tensor that is not a batch of ``(T, d)`` sequences with ``T >= 1``.
+
+        Finiteness is checked while Pyro/torch distribution validation is enabled (the default).
+        """
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError(f"embeddings must be a floating-point tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"embeddings must have shape (..., T, d), got {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"embeddings have dim {x.shape[-1]}, the transform expects d = {self.dim}")
+        if x.shape[-2] == 0:
+            raise ValueError("empty sequence (T = 0): the attention prior needs at least one position")
+        if Distribution._validate_args and not bool(torch.isfinite(x).all()):
+            raise ValueError("embeddings contain NaN or inf")
+
+    def attend(self, x: Tensor, start: int = 0) -> AttentionState:
+        """Attention of queries ``x[:, start:]`` over keys/values ``x``; ``x`` has shape ``(N, S, d)``."""
+        n, s_len, _ = x.shape
+        w_q = self.w_q
+        k = torch.einsum("hkd,nsd->nhsk", self.w_k, x)  # (N, H, S, d_k)
+        q = torch.einsum("hkd,ntd->nhtk", w_q, x[:, start:])  # (N, H, Tq, d_k)
+        v = x.unsqueeze(1) if self.w_v is None else torch.einsum("hvd,nsd->nhsv", self.w_v, x)  # (N, H|1, S, d_v)
+        t_idx = torch.arange(start, s_len, device=x.device)
+        s_idx = torch.arange(s_len, device=x.device)
+        allowed = (s_idx <= t_idx[:, None]) if self.include_current else (s_idx < t_idx[:, None])
+        has_context = t_idx >= 1
+        allowed = allowed | ~has_context[:, None]  # keep the first row finite, zeroed below
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (N, H, Tq, S)
+        alpha = torch.softmax(scores, dim=-1) * has_context[:, None].to(x.dtype)
+        heads = alpha @ v  # (N, H, Tq, d_v)
+        if self.w_o is None:
+            context = heads.mean(dim=1)  # (N, Tq, d)
+        else:
+            context = torch.einsum("hdv,nhtv->ntd", self.w_o, heads)
+        return AttentionState(x=x, start=start, alpha=alpha, q=q, k=k, v=v.expand(n, self.n_heads, -1, -1), context=context)
+
+    def _flat(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        self.validate_embeddings(x)
+        batch = x.shape[:-2]
+        return x.reshape(-1, *x.shape[-2:]), batch
+
+    def _inverse(self, x: Tensor) -> Tensor:
+        """``z_t = x_t - c_t(x)`` (eq. 4), parallel over positions."""
+        flat, batch = self._flat(x)
+        return (flat - self.attend(flat).context).reshape(*batch, *flat.shape[-2:])
+
+    # ------------------------------------------------------------------------------ Jacobian diagonal
+    def jacobian_blocks(self, state: AttentionState) -> Tensor:
+        """Explicit diagonal blocks ``J_tt = dz_t/dx_t`` (Theorem 1, Appendix A), shape ``(N, Tq, d, d)``."""
+        x, alpha, q, k, v = state.x, state.alpha, state.q, state.k, state.v
+        cov_vk = weighted_cross_covariance(alpha, v, k)  # (N, H, Tq, d_v, d_k)
+        inner = cov_vk @ self.w_q.unsqueeze(1)  # (N, H, Tq, d_v, d)  = W_v Sigma W_k^T W_q
+        if self.include_current:
+            a_tt = state.self_weight[..., None, None]  # (N, H, Tq, 1, 1)
+            v_t = v[:, :, state.start :]  # (N, H, Tq, d_v)
+            dev = v_t - weighted_mean(alpha, v)  # W_v (x_t - mu'_t)
+            kq = torch.einsum("hkd,nhtk->nhtd", self.w_k, q)  # W_k^T q_t, (N, H, Tq, d)
+            inner = inner + a_tt * (self._value_map().unsqueeze(1) + dev.unsqueeze(-1) * kq.unsqueeze(-2))
+        mixed = torch.einsum("hdv,nhtve->ntde", self._output_map(), inner)  # (N, Tq, d, d)
+        eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
+        return eye - mixed
+
+    def _sylvester_matrix(self, state: AttentionState) -> tuple[Tensor, Tensor]:
+        """``(D_t, M_t)`` with ``det J_tt = D_t^d det(I_r - M_t / D_t)`` (Sylvester), ``M_t = W^T U``.
+
+        Strict: ``M^{hg} = W_q^h W_o^g W_v^g Sigma^g W_k^gT = Cov_{alpha^g}(W_q^h W_o^g v^g, k^g)``, ``D = 1``.
+        Current position included (no projections), with ``U^g = [Sigma'^g W_k^gT | a^g (x_t - mu'^g)] / H``,
+        ``W^h = [W_q^hT | W_k^hT q^h_t]`` and ``D = 1 - mean_h a^h_tt`` (FORMULAS.md, Appendix A).
+        """
+        alpha, q, k, v = state.alpha, state.q, state.k, state.v
+        n, h, tq, _ = alpha.shape
+        alpha_g = alpha.unsqueeze(1)  # (N, 1, G, Tq, S): weights of head g
+        k_g = k.unsqueeze(1)  # (N, 1, G, S, d_k)
+        if not self.include_current:
+            left = torch.einsum("hkd,gdv,ngsv->nhgsk", self.w_q, self._output_map(), v)  # (N, H, G, S, d_k)
+            blocks = weighted_cross_covariance(alpha_g, left, k_g)  # (N, H, G, Tq, d_k, d_k)
+            ones = torch.ones(n, tq, dtype=alpha.dtype, device=alpha.device)
+        else:
+            qk_all = torch.cat([state.x.unsqueeze(1) @ self.w_q.transpose(-1, -2), k], dim=-1)  # (N, H, S, 2d_k)
+            feats = qk_all.unsqueeze(2)  # (N, H, 1, S, 2d_k): features of head h
+            cov = weighted_cross_covariance(alpha_g, feats, k_g)  # (N, H, G, Tq, 2d_k, d_k)
+            mean = weighted_mean(alpha_g, feats)  # (N, H, G, Tq, 2d_k)
+            current = qk_all[:, :, state.start :].unsqueeze(2)  # (N, H, 1, Tq, 2d_k)
+            dev = state.self_weight.unsqueeze(1).unsqueeze(-1) * (current - mean)  # (N, H, G, Tq, 2d_k)
+            top = torch.cat([cov[..., : self.head_dim, :], dev[..., : self.head_dim, None]], dim=-1)
+            q_h = q.unsqueeze(2).unsqueeze(-2)  # (N, H, 1, Tq, 1, d_k)
+            bottom = q_h @ torch.cat([cov[..., self.head_dim :, :], dev[..., self.head_dim :, None]], dim=-1)
+            blocks = torch.cat([top, bottom], dim=-2) / h  # (N, H, G, Tq, d_k+1, d_k+1)
+            ones = 1.0 - state.self_weight.mean(dim=1)  # D_t, (N, Tq)
+        b = blocks.shape[-1]
+        m = blocks.permute(0, 3, 1, 4, 2, 5).reshape(n, tq, h * b, h * b)  # (N, Tq, r, r)
+        return ones, m
+
+    def log_abs_det_blocks(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, Tensor]:
+        """``(log|det J_tt|, sign det J_tt)`` per position, shapes ``batch x T``: the margin barrier's terms.
+
+        Determinants are taken outside autocast in at least float32.
+        """
+        flat, batch = self._flat(x)
+        device_type = flat.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            if flat.dtype in (torch.float16, torch.bfloat16):
+                flat = flat.float()
+            state = state if state is not None else self.attend(flat)
+            if self.uses_sylvester:
+                d_t, m = self._sylvester_matrix(state)
+                eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+                sign, logabs = torch.linalg.slogdet(eye - m / d_t[..., None, None])
+                logabs = logabs + self.dim * torch.log(d_t.abs())
+                sign = sign * torch.sign(d_t) ** self.dim
+            else:
+                sign, logabs = torch.linalg.slogdet(self.jacobian_blocks(state))
+        return logabs.reshape(*batch, -1), sign.reshape(*batch, -1)
+
+    def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
+        """``log|dx/dz| = -sum_t log|det J_tt|``, shape ``batch`` (Theorem 1, eq. 11)."""
+        return -self.log_abs_det_blocks(x)[0].sum(-1)
+
+    # ------------------------------------------------------------------------------ generative z -> x
+    def _call(self, z: Tensor) -> Tensor:
+        """Solve ``x_t - c_t(x_{<t}, x_t) = z_t`` position by position (Newton's method)."""
+        flat, batch = self._flat(z)
+        tol = self._tolerance(flat.dtype)
+        xs: list[Tensor] = []
+        for t in range(flat.shape[1]):
+            prefix = torch.stack(xs, dim=1) if xs else flat[:, :0]
+            xs.append(self._solve_position(prefix, flat[:, t], t, tol))
+        return torch.stack(xs, dim=1).reshape(*batch, *flat.shape[-2:])
+
+    def _solve_position(self, prefix: Tensor, z_t: Tensor, t: int, tol: float) -> Tensor:
+        """``x_t`` given the solved prefix ``x_{<t}``, shapes ``(N, t, d)``, ``(N, d)`` -> ``(N, d)``.
+
+        Newton's method from ``x_t = z_t``; where it stalls (near a fold, in the barrier regime) it
+        restarts from ``z_t + sum_h W_o^h W_v^h x_s`` for each past ``s`` (strict causal: the context
+        is a convex combination of such points), then raises :class:`InversionError`.
+        """
+        x_t, err = self._newton(prefix, z_t, z_t, t)
+        if t > 0 and not bool((err <= tol).all()):
+            values = torch.einsum("hdv,hve,nse->nsd", self._output_map(), self._value_map(), prefix)
+            for s in range(t):
+                todo = (err > tol).nonzero().flatten()
+                if todo.numel() == 0:
+                    break
+                x_new, err_new = self._newton(prefix[todo], z_t[todo], z_t[todo] + values[todo, s], t)
+                better = err_new < err[todo]
+                x_t = x_t.index_put((todo[better],), x_new[better])
+                err = err.index_put((todo[better],), err_new[better])
+        if not bool((err <= tol).all()):
+            worst = int(err.argmax())
+            raise InversionError(
+                f"z -> x did not converge at position t={t} (batch element {worst}): relative residual "
+                f"{float(err[worst]):.3g} after {self.newton_max_iter} Newton steps from each start; the map "
+                f"may fold here (det J_tt <= 0 nearby), as it can with coupling={self.coupling!r}"
+            )
+        # One Newton step with autograd on, from the solution: by the implicit function theorem its
+        # derivatives in z, the prefix and the parameters are exact (F(x_t) = 0, J_tt held fixed).
+        state = self.attend(torch.cat([prefix, x_t.unsqueeze(1)], dim=1), start=t)
+        residual = x_t - state.context[:, 0] - z_t
+        jac = self.jacobian_blocks(state)[:, 0].detach()
+        return x_t - torch.linalg.solve(jac, residual.unsqueeze(-1)).squeeze(-1)
+
+    def _tolerance(self, dtype: torch.dtype) -> float:
+        return self.newton_tol if self.newton_tol is not None else 1e3 * torch.finfo(dtype).eps
+
+    def _newton(self, prefix: Tensor, z_t: Tensor, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """Damped Newton iterations for ``F(x_t) = x_t - c_t - z_t``; returns ``(x_t, relative residual)``."""
+
+        def residual(x: Tensor) -> tuple[Tensor, AttentionState]:
+            state = self.attend(torch.cat([prefix, x.unsqueeze(1)], dim=1), start=t)
+            return x - state.context[:, 0] - z_t, state
+
+        scale = 1.0 + z_t.abs().amax(-1)
+        tol = self._tolerance(z_t.dtype)
+        with torch.no_grad():
+            res, state = residual(x_t)
+            for _ in range(self.newton_max_iter):
+                if bool((res.abs().amax(-1) / scale <= tol).all()):
+                    break
+                try:
+                    step = torch.linalg.solve(self.jacobian_blocks(state)[:, 0], res.unsqueeze(-1)).squeeze(-1)
+                except torch.linalg.LinAlgError:
+                    break  # a singular J_tt: the map folds here
+                shrink = torch.ones_like(scale)
+                for _ in range(20):  # halve the step where it does not reduce the residual
+                    candidate = x_t - shrink[:, None] * step
+                    new_res, new_state = residual(candidate)
+                    worse = new_res.norm(dim=-1) > res.norm(dim=-1)
+                    if not bool(worse.any()):
+                        break
+                    shrink = torch.where(worse, shrink / 2, shrink)
+                x_t, res, state = candidate, new_res, new_state
+        return x_t, res.abs().amax(-1) / scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, n_heads={self.n_heads}, head_dim={self.head_dim}, value_proj={self.w_v is not None}, "
+            f"output_proj={self.w_o is not None}, include_current={self.include_current}, "
+            f"coupling={self.coupling!r}, logdet={self.logdet!r}"
+        )
+

@@ -1,0 +1,132 @@
+"""The causal-attention bijector: exact log-det, Jacobian structure, inverse, bad input."""
+
+import itertools
+
+import pytest
+import torch
+
+from prob_attention import CausalAttentionTransform, InversionError, scalar_transform
+from reference import autograd_jacobian, autograd_log_abs_det
+
+D = 5
+HEADS = [(1, 2), (2, 2), (1, 5)]  # (n_heads, head_dim): low rank, multi-head low rank, full rank
+OPTIONS = list(
+    itertools.product(HEADS, [False, True], [False, True], [False, True], ["free", "repulsive", "barrier"])
+)
+
+
+def make(heads, value_proj, output_proj, include_current, coupling, logdet="auto", **kw):
+    n_heads, head_dim = heads
+    return CausalAttentionTransform(
+        D, n_heads, head_dim, value_proj=value_proj, output_proj=output_proj,
+        include_current=include_current, coupling=coupling, logdet=logdet, **kw,
+    )
+
+
+def option_id(opt):
+    (h, dk), vp, op, ic, c = opt
+    return f"H{h}dk{dk}-{'v' if vp else ''}{'o' if op else ''}-{'incl' if ic else 'strict'}-{c}"
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
+def test_log_abs_det_jacobian_equals_minus_autograd_log_det(float64, opt):
+    torch.manual_seed(0)
+    for logdet in ["full", "sylvester"]:
+        try:
+            transform = make(*opt, logdet=logdet)
+        except ValueError:
+            assert logdet == "sylvester" and opt[3] and (opt[1] or opt[2])  # documented: no Sylvester there
+            continue
+        x = 0.5 * torch.randn(2, 2, 4, D)  # batch shape (2, 2); moderate scale keeps alpha_tt < 1 in float
+        ladj = transform.log_abs_det_jacobian(transform.inv(x), x)
+        assert ladj.shape == (2, 2)
+        torch.testing.assert_close(ladj, -autograd_log_abs_det(transform, x), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
+def test_jacobian_is_block_lower_triangular_with_closed_form_diagonal(float64, opt):
+    torch.manual_seed(1)
+    transform = make(*opt)
+    x = torch.randn(4, D)
+    jac = autograd_jacobian(transform, x)  # (T, d, T, d)
+    blocks = transform.jacobian_blocks(transform.attend(x.unsqueeze(0)))[0]
+    for t in range(4):
+        torch.testing.assert_close(jac[t, :, t, :], blocks[t])
+        for s in range(t + 1, 4):
+            assert jac[t, :, s, :].abs().max() == 0
+    torch.testing.assert_close(blocks[0], torch.eye(D))  # empty context
+
+
+def test_auto_picks_sylvester_only_when_it_is_smaller():
+    assert CausalAttentionTransform(8, 1, 2).uses_sylvester
+    assert not CausalAttentionTransform(8, 2, 4).uses_sylvester  # r = 8 = d
+    assert not CausalAttentionTransform(8, 1, 2, include_current=True, value_proj=True).uses_sylvester
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
+def test_round_trip_near_identity(float64, opt):
+    torch.manual_seed(2)
+    transform = make(*opt, init_scale=0.3 / D**0.5)
+    x = torch.randn(3, 6, D)
+    torch.testing.assert_close(transform(transform.inv(x)), x)
+    if not opt[3]:  # strict causal: c_t is a bounded convex combination, so every z has a preimage
+        z = torch.randn(3, 6, D)
+        torch.testing.assert_close(transform.inv(transform(z)), z)
+
+
+def test_round_trip_repulsive_at_full_strength(float64):
+    torch.manual_seed(3)
+    transform = CausalAttentionTransform(D, coupling="repulsive", init_scale=2.0)
+    x = 3 * torch.randn(4, 8, D)
+    torch.testing.assert_close(transform._call(transform._inverse(x)), x)
+    assert (transform.log_abs_det_blocks(x)[0] >= -1e-12).all()  # |det J_tt| >= 1 when sym(A) <= 0
+
+
+def test_inverse_raises_where_no_preimage_exists(float64):
+    # include-current scalar map: z_2 = x_2 - (a_21 x_1 + a_22 x_2) stays bounded as |x_2| grows
+    transform = scalar_transform(2.0, 2.0, include_current=True)
+    z = torch.tensor([[[1.0], [100.0]]])
+    with pytest.raises(InversionError, match="position t=1"):
+        transform(z)
+
+
+def test_length_one_sequence_is_the_identity(float64):
+    transform = CausalAttentionTransform(D, 2, 2)
+    x = torch.randn(3, 1, D)
+    torch.testing.assert_close(transform.inv(x), x)
+    assert (transform.log_abs_det_jacobian(x, x) == 0).all()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.randn(D), "shape"),
+        (torch.randn(2, 3, D + 1), "dim"),
+        (torch.randn(2, 0, D), "empty"),
+        (torch.full((1, 3, D), float("nan")), "NaN"),
+        (torch.full((1, 3, D), float("inf")), "inf"),
+        (torch.ones(1, 3, D, dtype=torch.long), "floating"),
+    ],
+)
+def test_bad_input_is_a_clear_error(bad, match):
+    transform = CausalAttentionTransform(D)
+    with pytest.raises(ValueError, match=match):
+        transform.inv(bad)
+    with pytest.raises(ValueError, match=match):
+        transform.log_abs_det_blocks(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(coupling="nope"), dict(logdet="qr"), dict(n_heads=0),
+               dict(include_current=True, value_proj=True, logdet="sylvester")]
+)
+def test_bad_options_are_clear_errors(kwargs):
+    with pytest.raises(ValueError):
+        CausalAttentionTransform(D, **kwargs)
+
+
+def test_coupling_parametrizations_fix_the_sign_of_A():
+    for coupling, sign in [("repulsive", -1), ("barrier", 1)]:
+        a = CausalAttentionTransform(D, 2, 2, coupling=coupling).coupling_matrix.detach()
+        eig = torch.linalg.eigvalsh(0.5 * (a + a.transpose(-1, -2)))
+        assert (sign * eig >= -1e-6).all()
