@@ -18,6 +18,13 @@ from types import ModuleType
 
 COMMANDS: dict[str, str] = {
     "train": "experiments.train",
+    "ce-vs-margin": "experiments.ce_vs_margin",
+    "noise-robustness": "experiments.noise_robustness",
+    "regularization-path": "experiments.regularization_path",
+    "support-tokens": "experiments.support_tokens",
+    "reproduce": "experiments.reproduce",
+    "scalar-geometry": "experiments.scalar_geometry",
+    "decoding-study": "experiments.decoding_study",
 }
 """Subcommand name -> module implementing it."""
 

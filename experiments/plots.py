@@ -11,19 +11,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Train and validation bits per character per epoch, and the validation barrier, side by side."""
-    epochs = [r["epoch"] for r in history]
+def plot_epoch_curves(histories: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
+    """Per-epoch train (dashed) and validation (solid) bits per character, and the validation margin
+    diagnostics, one colour per run (``label -> history``)."""
     fig, (ax_bpc, ax_bar) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_bpc.plot(epochs, [r.get("train_bpc") for r in history], "o-", label="train")
-    ax_bpc.plot(epochs, [r.get("val_bpc") for r in history], "s-", label="validation")
+    for i, (label, history) in enumerate(histories.items()):
+        color = f"C{i}"
+        epochs = [r["epoch"] for r in history]
+        prefix = f"{label} " if label else ""
+        ax_bpc.plot(epochs, [r.get("train_bpc") for r in history], "o--", color=color, label=prefix + "train")
+        ax_bpc.plot(epochs, [r.get("val_bpc") for r in history], "s-", color=color, label=prefix + "validation")
+        ax_bar.plot(epochs, [r.get("val_barrier") for r in history], "o-", color=color,
+                    label=prefix + "mean log det J_tt")
+        ax_bar.plot(epochs, [r.get("val_seq_margin_mean") for r in history], "s:", color=color,
+                    label=prefix + "mean sequence margin")
     ax_bpc.set(xlabel="epoch", ylabel="bits per character", title="cross-entropy")
-    ax_bpc.legend()
-    ax_bar.plot(epochs, [r.get("val_barrier") for r in history], "o-", label="mean log det J_tt")
-    ax_bar.plot(epochs, [r.get("val_seq_margin_mean") for r in history], "s-", label="mean sequence margin")
+    ax_bpc.legend(fontsize=8)
     ax_bar.set(xlabel="epoch", ylabel="nats per position", title="embedding prior (validation)")
-    ax_bar.legend()
+    ax_bar.legend(fontsize=8)
     fig.suptitle(title)
+    return save(fig, path)
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

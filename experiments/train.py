@@ -21,21 +21,26 @@ from inference.map import PRESETS, MAPTrainer, PriorConfig, RunConfig, TrainConf
 from prob_attention.gpt import GPTConfig
 
 from .flags import add_dataclass_flags, set_fields
-from .plots import plot_training_curves
+from .plots import plot_epoch_curves
 
 HELP = "train SmallGPT with the embedding prior by MAP through Pyro (Section 7.1)"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, skip_train: tuple[str, ...] = ()) -> None:
+    """``--preset`` and one flag per field of the run's config sections (those in ``skip_train`` left out)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="named sizes (quick: ~2 min on CPU; tiny: seconds); flags override it")
+    add_dataclass_flags(parser, GPTConfig, "model (SmallGPT)", skip=("vocab_size",))
+    add_dataclass_flags(parser, PriorConfig, "embedding prior", prefix="prior_")
+    add_dataclass_flags(parser, TrainConfig, "training", skip=skip_train)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="output directory (default runs/<preset>-lambda<lambda_m>)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_dataclass_flags(parser, GPTConfig, "model (SmallGPT)", skip=("vocab_size",))
-    add_dataclass_flags(parser, PriorConfig, "embedding prior", prefix="prior_")
-    add_dataclass_flags(parser, TrainConfig, "training")
+    add_config_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if trainer.rank == 0 and trainer.history:
-            plot_training_curves(trainer.history, run_dir / "curves.png", title=f"{trainer.data.corpus_name}, "
+            plot_epoch_curves({"": trainer.history}, run_dir / "curves.png", title=f"{trainer.data.corpus_name}, "
                                  f"lambda_m = {config.train.lambda_m:g}")
     if trainer.rank == 0:
         print(f"run saved in {run_dir}")

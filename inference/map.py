@@ -666,6 +666,7 @@ class MAPTrainer:
             "train_prior_running": float(stats.prior) / stats.steps if self.net.use_prior else None,
             "train_clamped": int(stats.clamped),
             "seconds": seconds,
+            "device": device_name(self.device) + (f" x{self.world}" if self.world > 1 else ""),
         }
         if self.net.log_sigma is not None:
             record["sigma"] = float(self.net.sigma)
@@ -739,6 +740,13 @@ def load_trained(run_dir: str | os.PathLike[str], map_location: str | torch.devi
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def device_name(device: torch.device) -> str:
+    """A readable name for results tables: the GPU model, or the CPU with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 def _format_record(r: dict[str, Any]) -> str:
     line = (f"epoch {r['epoch']:>3}: train bpc {r.get('train_bpc', float('nan')):.4f}  "
             f"val bpc {r.get('val_bpc', float('nan')):.4f}  barrier {r.get('val_barrier', float('nan')):+.4f}  "

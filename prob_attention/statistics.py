@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["weighted_mean", "weighted_cross_covariance", "weighted_covariance", "attention_entropy"]
+__all__ = ["weighted_mean", "weighted_cross_covariance", "weighted_covariance", "weighted_variance", "attention_entropy"]
 
 
 def weighted_mean(alpha: Tensor, a: Tensor) -> Tensor:
@@ -38,6 +38,16 @@ def weighted_cross_covariance(alpha: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def weighted_covariance(alpha: Tensor, a: Tensor) -> Tensor:
     """``Sigma_t = sum_s alpha_ts (a_s - mu_t)(a_s - mu_t)^T`` (eq. 13), shape ``(..., T, n, n)``."""
     return weighted_cross_covariance(alpha, a, a)
+
+
+def weighted_variance(alpha: Tensor, a: Tensor) -> Tensor:
+    """``tr(Sigma_t) = sum_s alpha_ts ||a_s - mu_t||^2``, the total attention-weighted variance, shape ``(..., T)``.
+
+    The trace of :func:`weighted_covariance` without forming the ``n x n`` matrices (centred on the
+    sequence mean first, as there).
+    """
+    a = a - a.mean(dim=-2, keepdim=True)
+    return (alpha @ a.pow(2).sum(-1, keepdim=True)).squeeze(-1) - (alpha @ a).pow(2).sum(-1)
 
 
 def attention_entropy(alpha: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from prob_attention.statistics import weighted_variance
 from prob_attention import (
     CausalAttentionTransform,
     EmbeddingPrior,
@@ -236,3 +237,11 @@ def test_length_one_margins_take_their_documented_values(float64):
     x = torch.randn(2, 1, 3)
     assert (log_det_margin(transform, x) == 0).all()
     torch.testing.assert_close(spectral_margin(transform, x), torch.ones(2, 1))
+
+
+def test_weighted_variance_is_the_trace_of_the_attention_covariance(float64):
+    transform = CausalAttentionTransform(4, 2, 2)
+    x = torch.randn(3, 7, 4) + 5.0  # an offset, as embeddings carry: the centring must remove it
+    alpha = attention_weights(transform, x)
+    trace = torch.diagonal(attention_covariance(transform, x), dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(weighted_variance(alpha, x.unsqueeze(-3)), trace)

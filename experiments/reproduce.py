@@ -1,0 +1,83 @@
+"""``prob-attention reproduce``: every experiment of the paper, in order, into one results folder.
+
+The steps are the subcommands themselves, called with the flags below, so each can be rerun alone:
+
+1. ``scalar-geometry`` (Figures 3.2, 3.3),
+2. ``ce-vs-margin`` (Table 7.2, Figure 7.4) — trains the CE-only and Margin-only runs,
+3. ``noise-robustness`` on those two runs (Figure 7.5),
+4. ``regularization-path`` (Table 1, Figure 7.6) — trains one run per ``lambda_m`` (the two above are reused),
+5. ``support-tokens`` on the two runs.
+
+Trained runs go to ``--runs-dir`` and are reused by later invocations (a finished run is never
+retrained). ``--quick`` is a smoke run of a few minutes on CPU: the ``tiny`` model, a few windows, three
+values of ``lambda_m``; its numbers only show the pipeline works.
+
+Example::
+
+    prob-attention reproduce --quick --out results/quick
+    prob-attention reproduce                      # the paper's settings (hours on CPU; use a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .report import provenance, write_json
+from .runs import Stopwatch
+
+HELP = "run every reproduction (scalar geometry, CE vs margin, noise, regularization path, support tokens)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a CPU smoke run of a few minutes (tiny model, few windows)")
+    parser.add_argument("--preset", default=None, help="training preset (default: default; tiny with --quick)")
+    parser.add_argument("--lambda-m", type=float, default=0.02, help="the Margin-only weight")
+    parser.add_argument("--sigma-max", type=float, default=None,
+                        help="largest noise level of the robustness sweep (default: noise-robustness's)")
+    parser.add_argument("--path-sigma", type=float, default=None,
+                        help="noise level of the regularization path (default: regularization-path's)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def steps(args: argparse.Namespace) -> list[list[str]]:
+    """The subcommand invocations, in order."""
+    preset = args.preset or ("tiny" if args.quick else "default")
+    out, runs = args.out, args.runs_dir
+    pair = [str(runs / f"{preset}-lambda0"), str(runs / f"{preset}-lambda{args.lambda_m:g}")]
+    windows = ["--max-windows", "32"] if args.quick else []
+    progress = ["--no-progress"] if args.no_progress else []
+    noise = (["--sigma-max", str(args.sigma_max)] if args.sigma_max is not None else []) + (
+        ["--draws", "2"] if args.quick else [])
+    path = (["--sigma", str(args.path_sigma)] if args.path_sigma is not None else []) + (
+        ["--lambdas", "0", f"{args.lambda_m:g}", "0.2", "--draws", "2"] if args.quick else [])
+    return [
+        ["scalar-geometry", "--out", str(out / "scalar_geometry")] + (["--quick"] if args.quick else []),
+        ["ce-vs-margin", "--preset", preset, "--lambda-m", f"{args.lambda_m:g}", "--runs-dir", str(runs),
+         "--out", str(out / "ce_vs_margin")] + progress,
+        ["noise-robustness", "--runs", *pair, "--out", str(out / "noise_robustness")] + noise + windows,
+        ["regularization-path", "--preset", preset, "--runs-dir", str(runs), "--out", str(out / "regularization_path")]
+        + path + windows + progress,
+        ["support-tokens", "--runs", *pair, "--out", str(out / "support_tokens")]
+        + (["--max-windows", "32", "--window", "0"] if args.quick else []),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import main as cli_main
+
+    clock = Stopwatch()
+    done = []
+    for argv in steps(args):
+        print(f"\n=== prob-attention {' '.join(argv)}", flush=True)
+        step = Stopwatch()
+        status = cli_main(argv)
+        done.append({"argv": argv, "status": status, "seconds": round(step.seconds, 1)})
+        if status != 0:
+            print(f"step {argv[0]} failed with status {status}; stopping", file=sys.stderr)
+            break
+    write_json(args.out / "reproduce.json", {"steps": done, "provenance": provenance("see each step", clock.seconds)})
+    return max(step["status"] for step in done)

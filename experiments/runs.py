@@ -1,0 +1,91 @@
+"""Trained runs for the experiments: train a configuration once, reuse its checkpoint afterwards.
+
+An experiment names a run directory and a :class:`~inference.map.RunConfig`; :func:`ensure_trained`
+loads the run when its checkpoint has finished every epoch, resumes it when it stopped part-way, and
+trains it otherwise. A run directory holding a different configuration is an error (the checkpoint's
+config must match), never silently reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from inference.map import CHECKPOINT_DIR, MAPTrainer, RunConfig, TrainedModel, load_trained
+from prob_attention.corpus import eval_windows, load_corpus
+
+__all__ = ["ensure_trained", "is_finished", "split_windows", "training_device", "resolve_device", "Stopwatch"]
+
+
+def is_finished(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` holds a checkpoint past its last epoch, with the test split scored."""
+    state_file = Path(run_dir) / CHECKPOINT_DIR / "state.json"
+    config_file = Path(run_dir) / CHECKPOINT_DIR / "config.json"
+    if not (state_file.exists() and config_file.exists()):
+        return False
+    state = json.loads(state_file.read_text())
+    epochs = json.loads(config_file.read_text())["run"]["train"]["epochs"]
+    history = state.get("history", [])
+    return int(state.get("epoch", 0)) >= epochs and bool(history) and "test_bpc" in history[-1]
+
+
+def ensure_trained(config: RunConfig, run_dir: str | os.PathLike[str], progress: bool = True) -> TrainedModel:
+    """The trained model of ``config`` in ``run_dir``: loaded if finished, else trained (resuming).
+
+    Raises:
+        CheckpointMismatchError: ``run_dir`` holds a run of another configuration.
+    """
+    if not is_finished(run_dir):
+        trainer = MAPTrainer(config, run_dir, progress=progress)
+        trainer.fit(resume=True)
+    trained = load_trained(run_dir)
+    if trained.config.to_dict() != config.to_dict():
+        raise ValueError(
+            f"{run_dir} holds a finished run of another configuration; choose another run directory\n"
+            f"  saved:     {json.dumps(trained.config.to_dict(), sort_keys=True)}\n"
+            f"  requested: {json.dumps(config.to_dict(), sort_keys=True)}"
+        )
+    return trained
+
+
+def split_windows(trained: TrainedModel, split: str, max_windows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Non-overlapping ``(inputs, targets)`` windows ``(n, block_size)`` of a split of the run's own corpus,
+    encoded with the run's vocabulary (``max_windows`` keeps the first ones)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    tc = trained.config.train
+    corpus = load_corpus(tc.corpus, seed=tc.corpus_seed)
+    if corpus.name != trained.corpus:
+        raise ValueError(f"the run was trained on {trained.corpus!r} but {tc.corpus!r} now loads {corpus.name!r}")
+    inputs, targets = eval_windows(trained.vocab.encode(getattr(corpus, split)), trained.gpt_config.block_size)
+    return (inputs, targets) if max_windows is None else (inputs[:max_windows], targets[:max_windows])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; other names pass through."""
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def training_device(trained: TrainedModel) -> str:
+    """The device a run was trained on, as its history recorded it."""
+    return str(trained.history[-1].get("device", "not recorded")) if trained.history else "not trained"
+
+
+@dataclass
+class Stopwatch:
+    """Wall-clock seconds since construction."""
+
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,124 @@
+"""The reproduction commands: the whole pipeline on the tiny preset, and the pieces it is built from."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.cli import main as cli_main
+from experiments.evaluation import noisy_bpc, prior_diagnostics
+from experiments.noise_robustness import crossover
+from experiments.regularization_path import optimum
+from experiments.runs import ensure_trained, is_finished, split_windows
+from inference.checkpoint import CheckpointMismatchError
+from inference.map import RunConfig, evaluate, load_trained
+
+OUTPUTS = {
+    "scalar_geometry": ["scalar_geometry.json", "scalar_geometry.md", "fig3_2_conditional_density.png",
+                        "fig3_3_population.png"],
+    "ce_vs_margin": ["results.json", "table.md", "curves.png"],
+    "noise_robustness": ["results.json", "table.md", "noise_val.png", "noise_test.png"],
+    "regularization_path": ["results.json", "table.md", "path.png"],
+    "support_tokens": ["results.json", "table.md", "heat_strip.png", "margins.png"],
+}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``prob-attention reproduce --quick`` once for the module; returns its folder (``runs/``, ``out/``)."""
+    root = tmp_path_factory.mktemp("reproduce")
+    status = cli_main(["reproduce", "--quick", "--runs-dir", str(root / "runs"), "--out", str(root / "out"),
+                       "--no-progress"])
+    assert status == 0
+    return root
+
+
+def test_reproduce_quick_writes_every_experiment(quick: Path) -> None:
+    for experiment, files in OUTPUTS.items():
+        for name in files:
+            assert (quick / "out" / experiment / name).stat().st_size > 0, f"{experiment}/{name} missing"
+    steps = json.loads((quick / "out" / "reproduce.json").read_text())["steps"]
+    assert [s["argv"][0] for s in steps] == ["scalar-geometry", "ce-vs-margin", "noise-robustness",
+                                             "regularization-path", "support-tokens"]
+    assert all(s["status"] == 0 for s in steps)
+
+
+def test_every_table_names_its_command_device_and_corpus(quick: Path) -> None:
+    for experiment in ("ce_vs_margin", "noise_robustness", "regularization_path", "support_tokens"):
+        meta = json.loads((quick / "out" / experiment / "results.json").read_text())["provenance"]
+        assert meta["command"] and meta["device"] and meta["wall_seconds"] >= 0
+        assert meta["corpus"] == "wt2-valtest-offline"
+        assert "Produced by:" in (quick / "out" / experiment / "table.md").read_text()
+
+
+def test_noise_results_are_consistent(quick: Path) -> None:
+    results = json.loads((quick / "out" / "noise_robustness" / "results.json").read_text())
+    assert len(results["sigmas"]) == 11 and results["sigmas"][0] == 0.0
+    for model in results["models"].values():
+        for split in model["splits"].values():
+            assert split["degradation"][0] == 1.0
+            assert split["bpc"][-1] > split["bpc"][0]  # the largest noise hurts
+
+
+def test_reproduce_reuses_finished_runs(quick: Path) -> None:
+    run_dir = quick / "runs" / "tiny-lambda0"
+    assert is_finished(run_dir)
+    weights = run_dir / "checkpoint" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    ensure_trained(RunConfig.preset("tiny"), run_dir, progress=False)
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_a_run_directory_of_another_config_is_an_error(quick: Path) -> None:
+    with pytest.raises((CheckpointMismatchError, ValueError)):
+        ensure_trained(RunConfig.preset("tiny", train={"lambda_m": 0.5}), quick / "runs" / "tiny-lambda0", progress=False)
+
+
+def test_clean_noisy_bpc_is_the_evaluated_bpc_and_noise_is_shared(quick: Path) -> None:
+    trained = load_trained(quick / "runs" / "tiny-lambda0")
+    inputs, targets = split_windows(trained, "val", 24)
+    clean = noisy_bpc(trained.net, inputs, targets, 0.0, draws=3)
+    assert len(clean) == 1  # no noise: one draw
+    assert clean[0] == pytest.approx(evaluate(trained.net, inputs, targets, 8)["bpc"], rel=1e-6)
+    first = noisy_bpc(trained.net, inputs, targets, 0.5, draws=2, seed=7)
+    assert first == noisy_bpc(trained.net, inputs, targets, 0.5, draws=2, seed=7)
+    assert first != noisy_bpc(trained.net, inputs, targets, 0.5, draws=2, seed=8)
+
+
+def test_prior_diagnostics_lie_in_their_ranges(quick: Path) -> None:
+    trained = load_trained(quick / "runs" / "tiny-lambda0.02")
+    inputs, _ = split_windows(trained, "val", 16)
+    d = prior_diagnostics(trained.net, inputs)
+    assert 0 < d["entropy"] <= math.log(inputs.shape[1])
+    assert d["var_ratio"] >= 0 and d["snr"] > 0 and math.isfinite(d["log_det"])
+
+
+def test_crossover_finds_where_a_curve_goes_and_stays_below() -> None:
+    sigmas = [0.0, 0.1, 0.2, 0.3]
+    assert crossover(sigmas, [2.0, 3.0, 4.0, 5.0], [2.1, 2.9, 3.8, 4.5]) == {
+        "index": 1, "interval": (0.0, 0.1), "better_at_every_positive_sigma": True}
+    late = crossover(sigmas, [2.0, 3.0, 4.0, 5.0], [2.1, 2.9, 4.1, 4.5])
+    assert late["index"] == 3 and late["interval"] == (0.2, 0.3) and not late["better_at_every_positive_sigma"]
+    assert crossover(sigmas, [2.0, 3.0, 4.0, 5.0], [2.1, 3.1, 4.1, 5.1])["index"] is None
+
+
+def test_the_path_optimum_is_the_smallest_noisy_bpc() -> None:
+    points = [{"lambda_m": lam, "splits": {"val": {"noisy_bpc": v}}} for lam, v in
+              [(0.0, 5.0), (0.01, 4.6), (0.02, 4.5), (0.1, 4.7)]]
+    best = optimum(points, "val")
+    assert best["lambda_m"] == 0.02 and best["interior"]
+    assert best["improvement_over_lambda0_percent"] == pytest.approx(10.0)
+    assert not optimum(points[:3], "val")["interior"]
+
+
+def test_split_windows_rejects_unknown_splits(quick: Path) -> None:
+    trained = load_trained(quick / "runs" / "tiny-lambda0")
+    with pytest.raises(ValueError, match="split"):
+        split_windows(trained, "dev")
+    inputs, targets = split_windows(trained, "test", 5)
+    assert inputs.shape == targets.shape == (5, trained.gpt_config.block_size)
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
