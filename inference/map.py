@@ -589,11 +589,7 @@ class MAPTrainer:
             self.log("no checkpoint to resume from: starting a new run")
         if self.verbose:
             self.log(self.describe())
-        forward = self._forward_fn()
-        svi = SVI(
-            lambda idx, tgt, stats: map_model(self.net, forward, idx, tgt, tc.lambda_m, self.amp, stats),
-            empty_guide, optim, loss=Trace_ELBO(),
-        )
+        svi = self.make_svi(optim)
         train_eval = self._train_eval_windows()
         val = self._limit(eval_windows(self.data.val, self.block))
         bar = tqdm(total=total, initial=self.epoch * self.steps_per_epoch, disable=not self.progress,
@@ -618,6 +614,31 @@ class MAPTrainer:
         finally:
             bar.close()
         return self.history
+
+    def make_svi(self, optim: GlobalClipScheduler, forward: Callable[[Tensor], NetOutput] | None = None) -> SVI:
+        """The MAP objective of this run as Pyro SVI; ``forward`` replaces the network's forward pass (e.g. a
+        ``torch.compile``d one; default: the network, wrapped in DDP when distributed)."""
+        forward = forward or self._forward_fn()
+        lambda_m = self.config.train.lambda_m
+        return SVI(
+            lambda idx, tgt, stats: map_model(self.net, forward, idx, tgt, lambda_m, self.amp, stats),
+            empty_guide, optim, loss=Trace_ELBO(),
+        )
+
+    def train_step(self, svi: SVI, optim: GlobalClipScheduler, idx: Tensor, tgt: Tensor, stats: StepStats) -> float:
+        """One optimiser step on a batch on the device, then one step of the cosine schedule; returns the loss.
+
+        Raises:
+            TrainingDiverged: the loss is not finite (non-finite gradients raise from the clipping).
+        """
+        loss = svi.step(idx, tgt, stats)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss {loss} at epoch {self.epoch + 1}, step {stats.steps}: stopping; the last good "
+                f"checkpoint (epoch {self.epoch}) is kept" + ("" if self.run_dir else " (no run_dir: nothing saved)")
+            )
+        optim.step()  # the cosine schedule, per step
+        return loss
 
     def _forward_fn(self) -> Callable[[Tensor], NetOutput]:
         if self.world == 1:
@@ -644,13 +665,7 @@ class MAPTrainer:
             if pin:
                 idx, tgt = idx.pin_memory(), tgt.pin_memory()
             idx, tgt = idx.to(self.device, non_blocking=True), tgt.to(self.device, non_blocking=True)
-            loss = svi.step(idx, tgt, stats)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss {loss} at epoch {self.epoch + 1}, step {stats.steps}: stopping; the last good "
-                    f"checkpoint (epoch {self.epoch}) is kept" + ("" if self.run_dir else " (no run_dir: nothing saved)")
-                )
-            optim.step()  # the cosine schedule, per step
+            loss = self.train_step(svi, optim, idx, tgt, stats)
             bar.update(1)
             if self.progress and stats.steps % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", epoch=self.epoch + 1)

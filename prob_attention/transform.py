@@ -255,7 +255,10 @@ class CausalAttentionTransform(TransformModule):
             dev = v_t - weighted_mean(alpha, v)  # W_v (x_t - mu'_t)
             kq = torch.einsum("hkd,nhtk->nhtd", self.w_k, q)  # W_k^T q_t, (N, H, Tq, d)
             inner = inner + a_tt * (self._value_map().unsqueeze(1) + dev.unsqueeze(-1) * kq.unsqueeze(-2))
-        mixed = torch.einsum("hdv,nhtve->ntde", self._output_map(), inner)  # (N, Tq, d, d)
+        if self.w_o is None:  # W_o^h = I / H: average the heads instead of multiplying by identities
+            mixed = inner.mean(dim=1)  # (N, Tq, d, d)
+        else:
+            mixed = torch.einsum("hdv,nhtve->ntde", self.w_o, inner)  # (N, Tq, d, d)
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
         return eye - mixed
 
