@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "support-tokens": "experiments.support_tokens",
     "reproduce": "experiments.reproduce",
     "scalar-geometry": "experiments.scalar_geometry",
+    "decode": "experiments.decode",
     "decoding-study": "experiments.decoding_study",
 }
 """Subcommand name -> module implementing it."""

@@ -1,0 +1,188 @@
+"""``prob-attention decoding-study``: do posterior uncertainty signals predict the model's next-character errors?
+
+Examples::
+
+    prob-attention decoding-study --run-dirs runs/full-lambda0 runs/full-lambda0.02
+    prob-attention decoding-study --run-dirs runs/tiny --quick --out /tmp/decoding
+
+On ``--windows`` evenly spaced held-out windows from each of the validation and test splits, the particle
+filter (:mod:`inference.smc`) reads each window and, at every position, gives the posterior predictive
+of the next character. Each signal scores uncertainty (higher = "more likely wrong"):
+
+* ``smc_entropy``: predictive entropy; ``smc_mi``: mutual information (epistemic part);
+* ``neg_margin``: minus the prior's log-det margin ``log det J_tt`` (near degeneracy = uncertain);
+* ``neg_ess``: minus the SMC effective sample size;
+* baselines from the MAP model (``decode(embed(y))``): ``map_neg_maxprob`` and ``map_entropy``.
+
+The event predicted is that the MAP model's top-1 next character is wrong. Reported per signal: the AUROC
+and the area under the risk-coverage curve (AURC; its floor ``oracle_aurc`` and the error rate, the AURC of
+a random score, are given for scale). Outputs in ``--out``: ``results.json``, ``results.md`` and
+``risk_coverage.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.map import device_name, load_trained
+from inference.posterior import entropy
+from inference.smc import TrajectorySMC
+from prob_attention.corpus import eval_windows
+
+from .decode import encoded_splits, trajectory_model
+from .plots import plt
+from .report import provenance, write_json, write_markdown
+from .runs import Stopwatch, resolve_device
+from .selective import aurc, auroc, oracle_aurc, risk_coverage
+
+HELP = "AUROC / AURC of posterior uncertainty signals for predicting next-character errors (held-out windows)"
+
+SIGNALS = {
+    "smc_entropy": "SMC predictive entropy",
+    "smc_mi": "SMC mutual information",
+    "neg_margin": "minus log-det margin",
+    "neg_ess": "minus SMC ESS",
+    "map_neg_maxprob": "MAP 1 - max-probability",
+    "map_entropy": "MAP entropy",
+}
+"""Signal key -> description; every signal is oriented so that higher means more uncertain."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dirs", type=Path, nargs="+", required=True, help="trained runs to compare")
+    parser.add_argument("--windows", type=int, default=8, help="windows per split (validation, test; default 8)")
+    parser.add_argument("--window-length", type=int, default=64, help="characters per window (default 64)")
+    parser.add_argument("--particles", type=int, default=16, help="SMC particles (default 16)")
+    parser.add_argument("--sigma", type=float, default=None, help="latent noise scale (default: empirical Bayes)")
+    parser.add_argument("--tau-ratio", type=float, default=0.5, help="emission scale tau / sigma (default 0.5)")
+    parser.add_argument("--out", type=Path, default=Path("results/decoding"), help="output directory")
+    parser.add_argument("--quick", action="store_true", help="seconds: 1 window of 16 characters per split, 8 particles")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+
+
+def held_out_windows(splits: tuple[torch.Tensor, ...], count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` evenly spaced non-overlapping windows of ``length`` from each split, ``(len(splits) count, L)``."""
+    inputs, targets = [], []
+    for split in splits:
+        x, y = eval_windows(split, length)
+        pick = torch.from_numpy(np.linspace(0, x.shape[0] - 1, min(count, x.shape[0])).round().astype(np.int64))
+        inputs.append(x[pick])
+        targets.append(y[pick])
+    return torch.cat(inputs), torch.cat(targets)
+
+
+@torch.no_grad()
+def score_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Signals and error labels for every held-out position of one run, and their metrics."""
+    started = time.perf_counter()
+    trained = load_trained(run_dir, map_location=resolve_device(args.device))
+    train, val, test = encoded_splits(trained)
+    model = trajectory_model(trained, args.sigma, args.tau_ratio, args.seed, train)
+    length = min(args.window_length, trained.gpt_config.block_size)
+    inputs, targets = held_out_windows((val, test), args.windows, length)
+    device = trained.transform.w_k.device
+    inputs, targets = inputs.to(device), targets.to(device)
+    map_probs = torch.softmax(trained.gpt(inputs)[0].double(), dim=-1)  # (n, L, V)
+    columns: dict[str, list[float]] = {k: [] for k in SIGNALS}
+    smc_wrong, failures = [], 0
+    for i in range(inputs.shape[0]):
+        smc = TrajectorySMC(model, args.particles, seed=args.seed + i)
+        signals = smc.run(inputs[i], targets[i])
+        failures += smc.failures
+        columns["smc_entropy"] += [s.entropy for s in signals]
+        columns["smc_mi"] += [s.mutual_information for s in signals]
+        columns["neg_margin"] += [-s.margin for s in signals]
+        columns["neg_ess"] += [-s.ess for s in signals]
+        smc_wrong += [int(s.probs.argmax()) != int(y) for s, y in zip(signals, targets[i])]
+    columns["map_neg_maxprob"] = (1.0 - map_probs.amax(-1)).reshape(-1).tolist()
+    columns["map_entropy"] = entropy(map_probs).reshape(-1).tolist()
+    errors = (map_probs.argmax(-1) != targets).reshape(-1).cpu().numpy()
+    scores = {k: np.asarray(v) for k, v in columns.items()}
+    metrics = {k: {"auroc": _safe_auroc(s, errors), "aurc": aurc(s, errors)} for k, s in scores.items()}
+    return {
+        "run_dir": str(run_dir), "corpus": trained.corpus, "lambda_m": trained.config.train.lambda_m, "positions": int(errors.size), "windows": int(inputs.shape[0]),
+        "window_length": length, "particles": args.particles, "sigma": model.sigma, "tau": model.tau,
+        "error_rate": float(errors.mean()), "smc_error_rate": float(np.mean(smc_wrong)),
+        "oracle_aurc": oracle_aurc(errors), "inversion_failures": failures, "metrics": metrics,
+        "seconds": time.perf_counter() - started,
+        "curves": {k: [c.tolist() for c in risk_coverage(s, errors)] for k, s in scores.items()},
+    }
+
+
+def _safe_auroc(scores: np.ndarray, errors: np.ndarray) -> float | None:
+    """AUROC, or ``None`` when the labels hold one class only (e.g. a tiny ``--quick`` run)."""
+    return auroc(scores, errors) if 0 < errors.sum() < errors.size else None
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per signal, AUROC and AURC per run; a header row of per-run facts."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    head = "| signal | " + " | ".join(f"{Path(r['run_dir']).name} AUROC | {Path(r['run_dir']).name} AURC" for r in results) + " |"
+    rule = "|---|" + "---|---|" * len(results)
+    rows = [f"| {SIGNALS[k]} | " + " | ".join(f"{fmt(r['metrics'][k]['auroc'])} | {fmt(r['metrics'][k]['aurc'])}"
+                                             for r in results) + " |" for k in SIGNALS]
+    facts = [f"- {Path(r['run_dir']).name}: {r['positions']} positions ({r['windows']} windows x {r['window_length']}), "
+             f"MAP top-1 error rate {r['error_rate']:.3f} (= AURC of a random score), oracle AURC "
+             f"{r['oracle_aurc']:.3f}, SMC top-1 error rate {r['smc_error_rate']:.3f}, sigma {r['sigma']:.4g}, "
+             f"tau {r['tau']:.4g}, {r['particles']} particles, {r['inversion_failures']} inversion failures, "
+             f"{r['seconds']:.0f} s" for r in results]
+    return "\n".join([head, rule, *rows, "", *facts]) + "\n"
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+    """Risk-coverage curves, one panel per run."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for k, (coverage, risk) in r["curves"].items():
+            ax.plot(coverage, risk, label=f"{SIGNALS[k]} ({r['metrics'][k]['aurc']:.3f})")
+        ax.set(xlabel="coverage", ylabel="risk (MAP top-1 error)", title=Path(r["run_dir"]).name)
+        ax.legend(title="signal (AURC)", fontsize=7, title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.windows, args.window_length, args.particles = 1, 16, 8
+    if args.windows < 1 or args.window_length < 2 or args.particles < 1:
+        print("prob-attention decoding-study: --windows, --particles must be positive, --window-length >= 2",
+              file=sys.stderr)
+        return 2
+    clock = Stopwatch()
+    results = []
+    for run_dir in args.run_dirs:
+        try:
+            results.append(score_run(run_dir, args))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"prob-attention decoding-study: {run_dir}: {err}", file=sys.stderr)
+            return 2
+        print(f"{run_dir}: {results[-1]['positions']} positions in {results[-1]['seconds']:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = provenance(device_name(resolve_device(args.device)), clock.seconds, seed=args.seed,
+                      corpus=", ".join(sorted({r["corpus"] for r in results})))
+    write_json(args.out / "results.json", {"runs": results, "provenance": meta})
+    table = markdown_table(results)
+    plot_curves(results, args.out / "risk_coverage.png")
+    write_markdown(args.out / "table.md", "Uncertainty signals for next-character errors", [table, "![risk-coverage](risk_coverage.png)"], meta)
+    print(table)
+    print(f"written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prob-attention decoding-study", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+r"""Sequential Monte Carlo over the embedding trajectory of :mod:`inference.trajectory` (a particle filter).
+
+Step ``t`` extends every particle's prefix ``x_{<t}`` by one embedding, proposed through the prior's
+``z -> x`` direction: draw ``z_t ~ q(z_t)`` and solve ``x_t - c_t(x_{<t}, x_t) = z_t``
+(:meth:`CausalAttentionTransform._solve_position`). The proposal density of ``x_t`` is
+``q(z_t) |det J_tt|`` and the prior's transition is ``N(z_t; 0, sigma^2 I) |det J_tt|``
+(:func:`~prob_attention.conditional_log_prob`), so the determinants cancel in the incremental weight::
+
+    log w_t += log N(z_t; 0, sigma^2 I) - log q(z_t) + log N(embed(y)_t; x_t, tau^2 I)     (extend)
+    log w_t += log softmax(decode(x_{1:t})_t)[y_{t+1}]                                    (observe)
+
+(exact where ``z_t -> x_t`` is one-to-one for the prefix, e.g. the repulsive coupling; where the map
+folds, Newton's root is one of several and the weight is that of the branch found). ``q`` is the
+Gaussian "guided" proposal that would be the exact conditional if the context ``c_t`` did not depend
+on ``x_t``: with ``c~ = c_t(x_{<t}, embed(y)_t)``,
+``q = N(r (embed(y)_t - c~), r tau^2 I)``, ``r = sigma^2 / (sigma^2 + tau^2)``.
+Particles are resampled (systematic) before a step when the effective sample size
+``ESS = 1 / sum_i w_i^2`` is below ``ess_threshold * P``. A particle whose solve fails
+(:class:`~prob_attention.InversionError`, at a fold) gets weight zero and is counted.
+
+Why not :class:`pyro.infer.SMCFilter`: (1) the state grows with ``t`` -- the GPT's likelihood of
+``y_{t+1}`` needs the whole prefix ``x_{1:t}`` and the transition attends to it -- and SMCFilter's docs
+warn that it costs ``O(len(state) T)`` and is meant for fixed-size states; (2) one failed ``z -> x``
+solve must zero one particle, whereas an exception in a Pyro guide site aborts the whole step;
+(3) decoding needs the weighted predictive *between* the transition and the next observation, and the
+ESS of every step, while ``SMCFilter.step`` fuses proposal, weighting and resampling. The filter
+below is small and keeps exactly these quantities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from prob_attention import InversionError, safe_log_barrier
+
+from .posterior import PredictiveSignals, predictive_signals
+from .trajectory import TrajectoryModel
+
+__all__ = ["ParticleCollapse", "TrajectorySMC", "smc_draws", "systematic_indices"]
+
+
+def systematic_indices(weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` indices drawn by systematic resampling from normalised ``weights`` ``(P,)``: one uniform offset,
+    ``n`` evenly spaced points through the cumulative weights."""
+    u = (torch.rand((), generator=generator, device=weights.device) + torch.arange(n, device=weights.device)) / n
+    return torch.searchsorted(torch.cumsum(weights, 0), u.to(weights.dtype)).clamp(max=weights.shape[0] - 1)
+
+
+class ParticleCollapse(RuntimeError):
+    """Every particle has weight zero (all ``z -> x`` solves failed, or the observations are impossible)."""
+
+
+class TrajectorySMC:
+    """A particle filter for one text, driven step by step (``extend``, ``predict``, ``observe``) or by :meth:`run`.
+
+    Args:
+        model: the trajectory model.
+        num_particles: ``P``.
+        ess_threshold: resample before a step when ``ESS < ess_threshold * P``; in ``(0, 1]``.
+        seed: seeds the proposals and the resampling.
+
+    Attributes:
+        x: particle trajectories ``(P, t, d)``; ``log_weights``: ``(P,)`` (unnormalised);
+        margins: each particle's ``log det J_ss`` (safeguarded, :func:`~prob_attention.safe_log_barrier`) ``(P, t)``;
+        ess: ESS of the weights at each :meth:`predict`; failures: particles lost to failed solves.
+
+    Example:
+        >>> import torch
+        >>> from prob_attention import CausalAttentionTransform
+        >>> from prob_attention.gpt import GPTConfig, SmallGPT
+        >>> gpt = SmallGPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=4))
+        >>> tm = TrajectoryModel(gpt, CausalAttentionTransform(4, coupling="repulsive"), sigma=1.0, tau=0.5)
+        >>> signals = TrajectorySMC(tm, num_particles=16).run(torch.tensor([1, 2, 3]))
+        >>> len(signals), signals[-1].probs.shape
+        (3, torch.Size([5]))
+    """
+
+    def __init__(self, model: TrajectoryModel, num_particles: int, ess_threshold: float = 0.5, seed: int = 0) -> None:
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be positive, got {num_particles}")
+        if not 0 < ess_threshold <= 1:
+            raise ValueError(f"ess_threshold must be in (0, 1], got {ess_threshold}")
+        self.model, self.num_particles, self.ess_threshold = model, num_particles, ess_threshold
+        ref = model.transform.w_k
+        self.generator = torch.Generator(device=ref.device).manual_seed(seed)
+        self.x = ref.new_zeros(num_particles, 0, model.dim)
+        self.margins = ref.new_zeros(num_particles, 0)
+        self.log_weights = ref.new_zeros(num_particles)
+        self.tokens: list[int] = []
+        self.ess: list[float] = []
+        self.failures = 0
+        self._log_probs: Tensor | None = None  # next-character log-probabilities per particle, (P, V)
+
+    # ----------------------------------------------------------------------------------- weights
+    def weights(self) -> Tensor:
+        """Normalised weights ``(P,)``."""
+        return torch.softmax(self.log_weights, dim=0)
+
+    def effective_sample_size(self) -> float:
+        """``1 / sum_i w_i^2``, in ``[1, P]`` (clipped to ``P`` against rounding)."""
+        return min(float(1.0 / self.weights().double().pow(2).sum()), float(self.num_particles))
+
+    def _add_log_weights(self, delta: Tensor) -> None:
+        self.log_weights = self.log_weights + torch.where(torch.isnan(delta), -math.inf, delta)
+        if not bool(torch.isfinite(self.log_weights).any()):
+            raise ParticleCollapse(f"every particle has weight zero at position {len(self.tokens)}")
+
+    def _resample(self) -> None:
+        """Systematic resampling to equal weights."""
+        index = systematic_indices(self.weights(), self.num_particles, self.generator)
+        self.x, self.margins = self.x[index], self.margins[index]
+        self.log_weights = torch.zeros_like(self.log_weights)
+        self._log_probs = None if self._log_probs is None else self._log_probs[index]
+
+    # ------------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def extend(self, token: int) -> None:
+        """Propose ``x_t`` for the observed character ``y_t = token`` and weight it (module docstring)."""
+        tm, t = self.model, len(self.tokens)
+        if t >= tm.gpt.config.block_size:
+            raise ValueError(f"the trajectory is full: the GPT reads at most {tm.gpt.config.block_size} characters")
+        if self.effective_sample_size() < self.ess_threshold * self.num_particles:
+            self._resample()
+        anchor = tm.anchors(torch.tensor(self.tokens + [token], device=self.x.device))[-1]  # (d,)
+        guess = torch.cat([self.x, anchor.expand(self.num_particles, 1, -1)], dim=1)
+        c_guess = tm.transform.attend(guess, start=t).context[:, 0]  # (P, d)
+        ratio = tm.sigma**2 / (tm.sigma**2 + tm.tau**2)
+        loc, scale = ratio * (anchor - c_guess), math.sqrt(ratio) * tm.tau
+        z = loc + scale * torch.randn(loc.shape, generator=self.generator, device=loc.device, dtype=loc.dtype)
+        x_t, ok = self._solve(z, t)
+        seqs = torch.cat([self.x, x_t.unsqueeze(1)], dim=1)  # (P, t+1, d)
+        logabs, sign = tm.transform.log_abs_det_blocks(seqs, tm.transform.attend(seqs, start=t))
+        margin = safe_log_barrier(logabs, sign)[0]  # (P, 1)
+        normal = torch.distributions.Normal
+        delta = (normal(0.0, tm.sigma).log_prob(z) - normal(loc, scale).log_prob(z)).sum(-1)
+        delta = delta + normal(x_t, tm.tau).log_prob(anchor).sum(-1)
+        self.x, self.margins = seqs, torch.cat([self.margins, margin], dim=1)
+        self.tokens.append(int(token))
+        self._log_probs = None
+        self._add_log_weights(torch.where(ok, delta, torch.full_like(delta, -math.inf)))
+
+    def _solve(self, z: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """``x_t`` for every particle and a mask of the solves that succeeded; failures are counted."""
+        transform = self.model.transform
+        tol = transform._tolerance(z.dtype)
+        try:
+            return transform._solve_position(self.x, z, t, tol), torch.ones_like(z[:, 0], dtype=torch.bool)
+        except (InversionError, torch.linalg.LinAlgError):
+            pass
+        xs, ok = z.clone(), torch.zeros_like(z[:, 0], dtype=torch.bool)
+        for i in range(z.shape[0]):  # one by one, to lose only the particles that fail
+            try:
+                xs[i] = transform._solve_position(self.x[i : i + 1], z[i : i + 1], t, tol)[0]
+                ok[i] = True
+            except (InversionError, torch.linalg.LinAlgError):
+                self.failures += 1
+        return xs, ok
+
+    @torch.no_grad()
+    def predict(self) -> PredictiveSignals:
+        """The posterior predictive of ``y_{t+1}`` and its uncertainty signals, from the current particles."""
+        if not self.tokens:
+            raise ValueError("predict needs at least one observed character (call extend first)")
+        logits = self.model.next_char_logits(self.x)[:, -1]  # (P, V)
+        self._log_probs = torch.log_softmax(logits.to(self.log_weights.dtype), dim=-1)
+        weights = self.weights()
+        self.ess.append(self.effective_sample_size())
+        margin = float((weights * self.margins[:, -1]).sum())
+        return predictive_signals(self._log_probs.exp(), weights, margin=margin, ess=self.ess[-1])
+
+    @torch.no_grad()
+    def observe(self, next_char: int) -> None:
+        """Weight the particles by the likelihood of the character ``y_{t+1}`` that follows."""
+        if self._log_probs is None:
+            self.predict()
+        self._add_log_weights(self._log_probs[:, int(next_char)])
+        self._log_probs = None
+
+    def run(self, idx: Tensor, next_chars: Tensor | None = None) -> list[PredictiveSignals]:
+        """Filter through a text: per position ``t``, extend by ``y_t``, predict ``y_{t+1}``, observe it if given.
+
+        Args:
+            idx: ``(T,)`` characters; next_chars: ``(T',)``, ``T' <= T`` (default ``idx[1:]``).
+
+        Returns the ``T`` predictive signals (the one at ``t`` uses ``y_{1:t}`` only).
+        """
+        next_chars = idx[1:] if next_chars is None else next_chars
+        signals = []
+        for t, token in enumerate(idx.tolist()):
+            self.extend(token)
+            signals.append(self.predict())
+            if t < next_chars.shape[0]:
+                self.observe(int(next_chars[t]))
+        return signals
+
+    def posterior_samples(self, num_samples: int) -> Tensor:
+        """``num_samples`` trajectories ``(n, t, d)`` drawn (systematically) from the weighted particles."""
+        return self.x[systematic_indices(self.weights(), num_samples, self.generator)]
+
+
+def smc_draws(model: TrajectoryModel, idx: Tensor, next_chars: Tensor | None = None, num_particles: int = 500,
+              chains: int = 4, draws: int = 200, seed: int = 0) -> Tensor:
+    """``draws`` trajectories resampled from each of ``chains`` independent filters over the text (seeds
+    ``seed + c``), shape ``(chains, draws, T, d)``: the input of :func:`~inference.posterior.to_inference_data`."""
+    out = []
+    for c in range(chains):
+        smc = TrajectorySMC(model, num_particles, seed=seed + c)
+        smc.run(idx, next_chars)
+        out.append(smc.posterior_samples(draws))
+    return torch.stack(out)
