@@ -128,15 +128,9 @@ class TrajectoryModel:
         if bool(((idx < 0) | (idx >= cfg.vocab_size)).any()):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
 
-    def prior(self, seq_len: int) -> dist.TransformedDistribution:
-        """The embedding prior over ``seq_len`` positions with this model's ``sigma``.
-
-        :class:`~prob_attention.EmbeddingPrior`'s own base and transform, wrapped as a plain
-        ``TransformedDistribution``: EmbeddingPrior defines no ``expand``, which Pyro's plates (vectorised
-        ELBO particles, sampling a guide in a plate) need.
-        """
-        prior = EmbeddingPrior(self.transform, seq_len, self.sigma)
-        return dist.TransformedDistribution(prior.base_dist, prior.transforms)
+    def prior(self, seq_len: int) -> EmbeddingPrior:
+        """The embedding prior over ``seq_len`` positions with this model's ``sigma``."""
+        return EmbeddingPrior(self.transform, seq_len, self.sigma)
 
     def next_char_logits(self, x: Tensor) -> Tensor:
         """``decode(x)``: ``(..., T, d) -> (..., T, V)``, any leading batch shape."""

@@ -54,6 +54,13 @@ class EmbeddingPrior(TransformedDistribution):
         self.transform = transform
         self.sigma = scale
 
+    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: "EmbeddingPrior | None" = None) -> "EmbeddingPrior":
+        """The prior with a batch shape (for ``pyro.plate``); the transform is shared, not copied."""
+        new = _instance if _instance is not None else EmbeddingPrior.__new__(EmbeddingPrior)
+        super().expand(batch_shape, _instance=new)
+        new.transform, new.sigma = self.transform, self.sigma
+        return new
+
     def barrier(self, x: Tensor) -> Tensor:
         """The margin barrier ``sum_t log|det J_tt|`` (eq. 11, 12), shape ``batch``."""
         return self.transform.log_abs_det_blocks(x)[0].sum(-1)

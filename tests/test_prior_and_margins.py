@@ -245,3 +245,17 @@ def test_weighted_variance_is_the_trace_of_the_attention_covariance(float64):
     alpha = attention_weights(transform, x)
     trace = torch.diagonal(attention_covariance(transform, x), dim1=-2, dim2=-1).sum(-1)
     torch.testing.assert_close(weighted_variance(alpha, x.unsqueeze(-3)), trace)
+
+
+def test_the_prior_expands_inside_a_pyro_plate(float64):
+    prior = EmbeddingPrior(CausalAttentionTransform(3, coupling="repulsive"), seq_len=4)
+
+    def model():
+        with pyro.plate("sequences", 5):
+            return pyro.sample("x", prior)
+
+    trace = pyro.poutine.trace(model).get_trace()
+    site = trace.nodes["x"]
+    assert site["value"].shape == (5, 4, 3) and isinstance(site["fn"], EmbeddingPrior)
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]), prior.log_prob(site["value"]))
+    torch.testing.assert_close(site["fn"].barrier(site["value"]), prior.barrier(site["value"]))
