@@ -63,8 +63,8 @@ def embedding_rms(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> float:
 
 @torch.no_grad()
 def prior_diagnostics(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> dict[str, float]:
-    """The prior's diagnostics of Table 1 on windows ``(n, T)``, averaged over windows and positions ``t >= 2``
-    (positions with at least two attended tokens; the first has an empty context).
+    """The prior's diagnostics of Table 1 on windows ``(n, T)``, averaged over windows and positions ``t >= 3``
+    (those attending to at least two values: before, ``Sigma_t = 0`` whatever the model).
 
     - ``entropy``: attention entropy ``H(alpha_t) = -sum_s alpha_ts log alpha_ts`` (nats), over heads.
     - ``var_ratio``: ``Var_alpha / RMS^2``, the attention-weighted variance of the attended values
@@ -72,7 +72,8 @@ def prior_diagnostics(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> dict
     - ``snr``: ``sum_t ||x_t||^2 / sum_t ||z_t||^2`` with ``z_t = x_t - c_t`` the prior's residual: the
       energy of the embeddings over the energy the prior leaves unexplained. (The paper's formula was lost
       in our copy; this is our reading of "higher SNR: the prior explains more of the embedding variance".)
-    - ``log_det``: mean ``log det J_tt``; ``seq_margin``: mean over windows of ``min_t log det J_tt``.
+    - ``log_det``: mean ``log det J_tt``; ``seq_margin``: mean over windows of ``min_{t >= 3} log det J_tt``
+      (positions 1 and 2 have ``log det J_tt = 0`` whatever the model).
     """
     net.eval()
     device = next(net.parameters()).device
@@ -92,7 +93,7 @@ def prior_diagnostics(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> dict
         sums["log_det"] += float(logabs[:, keep].sum())
         sums["x_energy"] += float(x[:, keep].pow(2).sum())
         sums["z_energy"] += float(z[:, keep].pow(2).sum())
-        sums["seq_margin"] += float(logabs.amin(-1).sum())
+        sums["seq_margin"] += float(logabs[:, keep].amin(-1).sum())
         n_positions += x[:, keep].shape[0] * x[:, keep].shape[1]
         n_windows += x.shape[0]
     if n_positions == 0:

@@ -56,12 +56,25 @@ def margins_of(trained: TrainedModel, inputs: torch.Tensor, batch_size: int = 64
     return torch.cat(out)
 
 
+FIRST_INFORMATIVE = 2
+"""Positions 1 and 2 attend to no or one value: ``Sigma_t = 0`` and ``log det J_tt = 0`` whatever the model, so
+support tokens and sequence margins are taken over positions ``t >= 3`` (index 2 on)."""
+
+
+def informative_support(margins: torch.Tensor, tol: float) -> torch.Tensor:
+    """Support tokens among positions ``t >= 3`` (boolean mask of ``margins``' shape, False before)."""
+    mask = torch.zeros_like(margins, dtype=torch.bool)
+    mask[..., FIRST_INFORMATIVE:] = support_tokens(margins[..., FIRST_INFORMATIVE:], tol)
+    return mask
+
+
 def split_statistics(trained: TrainedModel, margins: torch.Tensor, inputs: torch.Tensor, tol: float) -> dict[str, Any]:
-    """Quantiles of the per-position (``t >= 2``) and sequence margins, and the most frequent support characters."""
-    inner = margins[:, 2:].flatten().double()
-    seq = margins.amin(-1).double()
+    """Quantiles of the per-position and sequence margins (positions ``t >= 3``) and the most frequent support
+    characters."""
+    inner = margins[:, FIRST_INFORMATIVE:].flatten().double()
+    seq = margins[:, FIRST_INFORMATIVE:].amin(-1).double()
     q = torch.tensor([0.01, 0.1, 0.5, 0.9], dtype=torch.float64)
-    support = support_tokens(margins, tol)
+    support = informative_support(margins, tol)
     chars = Counter(trained.vocab.decode([int(c)]) for c in inputs[support].tolist())
     total = sum(chars.values())
     return {
@@ -110,11 +123,12 @@ def plot_strips(text: str, strips: dict[str, np.ndarray], support: dict[str, np.
 def plot_distributions(all_margins: dict[str, torch.Tensor], path: Path) -> Path:
     fig, (ax_pos, ax_seq) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (label, m) in enumerate(all_margins.items()):
-        inner = m[:, 2:].flatten().numpy()
-        ax_pos.hist(inner[np.isfinite(inner)], bins=80, alpha=0.5, color=f"C{i}", label=label, density=True)
-        ax_seq.hist(m.amin(-1).numpy(), bins=40, alpha=0.5, color=f"C{i}", label=label, density=True)
+        inner = m[:, FIRST_INFORMATIVE:]
+        flat = inner.flatten().numpy()
+        ax_pos.hist(flat[np.isfinite(flat)], bins=80, alpha=0.5, color=f"C{i}", label=label, density=True)
+        ax_seq.hist(inner.amin(-1).numpy(), bins=40, alpha=0.5, color=f"C{i}", label=label, density=True)
     ax_pos.set(xlabel="log det J_tt (positions t >= 3)", ylabel="density", title="per-position margins")
-    ax_seq.set(xlabel="min_t log det J_tt", ylabel="density", title="sequence margins (per window)")
+    ax_seq.set(xlabel="min_{t>=3} log det J_tt", ylabel="density", title="sequence margins (per window)")
     ax_pos.legend()
     ax_seq.legend()
     return save(fig, path)
@@ -138,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         all_margins[label] = margins
         text = trained.vocab.decode(inputs[args.window].tolist())
         strips[label] = margins[args.window].numpy()
-        support[label] = support_tokens(margins[args.window : args.window + 1], args.tol)[0].numpy()
+        support[label] = informative_support(margins[args.window : args.window + 1], args.tol)[0].numpy()
         results["models"][label] = {
             "run": str(run_dir), "lambda_m": trained.config.train.lambda_m, "corpus": trained.corpus,
             "window_margins": strips[label].tolist(),
@@ -160,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
                             "min seq. margin", "median support position", "top support characters"], rows, digits=4)
     write_markdown(args.out / "table.md", f"Support tokens on the {args.split} split", [
         table, "![heat strip](heat_strip.png)", "![margins](margins.png)",
-        f"Margins are `log det J_tt` of the embedding prior at each position (t >= 3 in the statistics); the "
-        f"support token of a window is its argmin (tolerance {args.tol:g}). The heat strip shows window "
+        f"Margins are `log det J_tt` of the embedding prior at each position. Positions 1 and 2 have margin 0 "
+        f"whatever the model (no or one attended value), so statistics, sequence margins and support tokens (the "
+        f"argmin, tolerance {args.tol:g}) are over positions t >= 3. The heat strip shows window "
         f"{args.window} of the {args.split} split.",
     ], meta)
     print(table)
