@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "regularization-path": "experiments.regularization_path",
     "support-tokens": "experiments.support_tokens",
     "reproduce": "experiments.reproduce",
+    "results-page": "experiments.results_page",
     "scalar-geometry": "experiments.scalar_geometry",
     "decode": "experiments.decode",
     "decoding-study": "experiments.decoding_study",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments import results_page
 from experiments.cli import main as cli_main
 from experiments.evaluation import noisy_bpc, prior_diagnostics
 from experiments.noise_robustness import crossover
@@ -122,3 +123,15 @@ def test_split_windows_rejects_unknown_splits(quick: Path) -> None:
     inputs, targets = split_windows(trained, "test", 5)
     assert inputs.shape == targets.shape == (5, trained.gpt_config.block_size)
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_the_results_page_reads_every_experiment_and_keeps_hand_written_text(quick: Path) -> None:
+    page = quick / "RESULTS.md"
+    page.write_text(f"old generated text\n{results_page.MARKER}\nour discussion\n")
+    assert cli_main(["results-page", "--results", str(quick / "out"), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "old generated text" not in text and text.endswith(f"{results_page.MARKER}\nour discussion\n")
+    for title in ("Scalar geometry", "CE-only vs Margin-only", "Robustness to embedding noise",
+                  "Regularization path", "Support tokens"):
+        assert f"## {title}" in text
+    assert "target at most +2%: **" in text and "Produced by `" in text
