@@ -101,12 +101,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"('?' marks characters with mutual information > {args.mi_threshold:g} nats)")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prob-attention decode", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -177,12 +177,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"written to {args.out}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prob-attention decoding-study", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

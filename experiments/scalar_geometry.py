@@ -32,7 +32,6 @@ import json
 import math
 import platform
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,12 +418,3 @@ def run(args: argparse.Namespace) -> int:
           f"({pos['excluded_fraction']:.1%}; paper 613 of 4000, 15.3%); results in {args.out}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prob-attention scalar-geometry", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
