@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 import re
 import statistics
@@ -50,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from experiments.report import write_json
+from inference.map import device_name, resolve_device
 from prob_attention import CausalAttentionTransform
 
 METHODS = ("sylvester", "full", "autograd", "loop")
@@ -60,26 +61,6 @@ TARGET_REL_ERR = 1e-5
 
 
 # ------------------------------------------------------------------------------------ shared helpers
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    """A human-readable name of the device: the CUDA device name, or the CPU model from ``/proc/cpuinfo``."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def device_slug(device: torch.device) -> str:
     """``cpu``, or the CUDA device name in lower case with non-alphanumerics as ``-`` (for file names)."""
     if device.type != "cuda":
@@ -152,11 +133,6 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
         level += e.nbytes()
         peak = max(peak, level)
     return int(peak)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _median(times: list[float]) -> float:

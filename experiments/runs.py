@@ -14,10 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from inference.map import CHECKPOINT_DIR, MAPTrainer, RunConfig, TrainedModel, load_trained
+from inference.map import (
+    CHECKPOINT_DIR,
+    MAPTrainer,
+    RunConfig,
+    TrainedModel,
+    load_trained,
+    resolve_device,
+)
 from prob_attention.corpus import eval_windows, load_corpus
 
 __all__ = ["ensure_trained", "is_finished", "split_windows", "training_device", "resolve_device", "Stopwatch"]
@@ -65,11 +71,6 @@ def split_windows(trained: TrainedModel, split: str, max_windows: int | None = N
         raise ValueError(f"the run was trained on {trained.corpus!r} but {tc.corpus!r} now loads {corpus.name!r}")
     inputs, targets = eval_windows(trained.vocab.encode(getattr(corpus, split)), trained.gpt_config.block_size)
     return (inputs, targets) if max_windows is None else (inputs[:max_windows], targets[:max_windows])
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; other names pass through."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
 def training_device(trained: TrainedModel) -> str:
