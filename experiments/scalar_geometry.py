@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import platform
 import shlex
@@ -50,6 +49,7 @@ from prob_attention.scalar import scalar_attention
 from prob_attention.statistics import weighted_covariance
 
 from .flags import add_dataclass_flags, set_fields
+from .report import write_json, write_text
 
 HELP = "scalar positive/zero/negative coupling: conditional densities and a population study (Section 3.4)"
 
@@ -387,8 +387,8 @@ def run_experiment(config: ScalarGeometryConfig, out: Path, quick: bool = False)
         "wall_time_s": time.perf_counter() - start,
     }
     res["config"]["context"] = list(config.context)
-    (out / "scalar_geometry.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "scalar_geometry.md").write_text(_markdown(res))
+    write_json(out / "scalar_geometry.json", res)
+    write_text(out / "scalar_geometry.md", _markdown(res))
     return res
 
 
