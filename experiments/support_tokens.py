@@ -90,14 +90,17 @@ def split_statistics(trained: TrainedModel, margins: torch.Tensor, inputs: torch
 
 def plot_strips(text: str, strips: dict[str, np.ndarray], support: dict[str, np.ndarray], path: Path,
                 row_chars: int) -> Path:
-    """The text once per run, each character on a cell coloured by its margin; support tokens boxed."""
+    """The text once per run, each character on a cell coloured by its margin; support tokens boxed.
+
+    Each run has its own colour scale and colour bar: margins of differently trained models differ by orders
+    of magnitude (CE-only ~0.01, Margin-only ~10 nats), and a shared scale would show one of them flat."""
     rows = -(-len(text) // row_chars)
-    finite = np.concatenate([m[np.isfinite(m)] for m in strips.values()])
-    norm = Normalize(vmin=float(finite.min()), vmax=float(finite.max()))
     cmap = plt.get_cmap("viridis")
     fig, axes = plt.subplots(len(strips), 1, figsize=(row_chars * 0.2 + 1.5, len(strips) * (rows * 0.36 + 0.6)),
                              squeeze=False)
     for ax, (label, m) in zip(axes[:, 0], strips.items()):
+        finite = m[np.isfinite(m)]
+        norm = Normalize(*((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)))
         for i, ch in enumerate(text):
             r, c = divmod(i, row_chars)
             value = m[i]
@@ -111,9 +114,10 @@ def plot_strips(text: str, strips: dict[str, np.ndarray], support: dict[str, np.
         ax.set_xlim(0, row_chars)
         ax.set_ylim(-rows, 0)
         ax.set_axis_off()
-        ax.set_title(f"{label}: log det J_tt per character (red boxes: support tokens)", fontsize=9, loc="left")
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, 0].tolist(), fraction=0.02,
-                 label="margin log det J_tt (smaller = closer to degeneracy)")
+        ax.set_title(f"{label}: log det J_tt per character (red boxes: support tokens; own colour scale)",
+                     fontsize=9, loc="left")
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, pad=0.01,
+                     label="log det J_tt")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
