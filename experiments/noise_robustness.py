@@ -12,6 +12,11 @@ the trained embeddings' RMS per coordinate, 0.081), was chosen on the finished C
 margin-trained model was scored: it is where CE-only degrades about as much as at the paper's largest
 sigma (x2.63 here on 48 validation windows, x2.58 in the paper). It is not tuned to the comparison.
 
+With ``--relative`` the levels are fractions of each model's own embedding RMS per coordinate (noise
+``sigma * RMS``, RMS measured on the split being scored; default largest level 0.5, which for the CE-only
+run is the absolute default, 0.5 x 0.081 ~ 0.04). A model that spreads its embeddings then meets
+proportionally larger noise: the check that a robustness gain is not only a change of scale.
+
 Example::
 
     prob-attention noise-robustness --runs runs/default-lambda0 runs/default-lambda0.02
@@ -46,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=Path, nargs="+", required=True,
                         help="trained run directories; the first is the reference (CE-only)")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per run (default: CE-only, Margin-only)")
-    parser.add_argument("--sigma-max", type=float, default=0.04,
-                        help="largest noise standard deviation (default 0.04, see the module docstring)")
+    parser.add_argument("--sigma-max", type=float, default=None,
+                        help="largest noise level (default 0.04 absolute, 0.5 with --relative; see the module docstring)")
+    parser.add_argument("--relative", action="store_true",
+                        help="noise levels are fractions of each model's embedding RMS per coordinate")
     parser.add_argument("--n-sigmas", type=int, default=11, help="equally spaced levels from 0 to --sigma-max")
     parser.add_argument("--draws", type=int, default=5, help="noise draws per level")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
@@ -83,25 +90,30 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     labels = args.labels or default_labels(len(args.runs))
     if len(labels) != len(args.runs):
         raise ValueError(f"{len(args.runs)} runs but {len(labels)} labels")
-    if args.n_sigmas < 2 or args.sigma_max <= 0:
+    sigma_max = args.sigma_max if args.sigma_max is not None else (0.5 if args.relative else 0.04)
+    if args.n_sigmas < 2 or sigma_max <= 0:
         raise ValueError("need --n-sigmas >= 2 and --sigma-max > 0")
-    sigmas = [float(s) for s in np.linspace(0.0, args.sigma_max, args.n_sigmas)]
-    results: dict[str, Any] = {"sigmas": sigmas, "draws": args.draws, "seed": args.seed, "models": {}}
+    sigmas = [float(s) for s in np.linspace(0.0, sigma_max, args.n_sigmas)]
+    results: dict[str, Any] = {"sigmas": sigmas, "noise_scale": "relative" if args.relative else "absolute",
+                               "draws": args.draws, "seed": args.seed, "models": {}}
     for label, run_dir in zip(labels, args.runs):
         trained = load_trained(run_dir, map_location=resolve_device(args.device))
         model: dict[str, Any] = {"run": str(run_dir), "corpus": trained.corpus,
                                  "lambda_m": trained.config.train.lambda_m, "splits": {}}
         for split in args.splits:
             inputs, targets = split_windows(trained, split, args.max_windows)
+            rms = embedding_rms(trained.net, inputs, args.batch_size)
+            noise = [s * rms if args.relative else s for s in sigmas]
             per_sigma = [noisy_bpc(trained.net, inputs, targets, s, args.draws, args.seed, args.batch_size)
-                         for s in sigmas]
+                         for s in noise]
             mean = [statistics.fmean(v) for v in per_sigma]
             model["splits"][split] = {
                 "windows": int(inputs.shape[0]),
                 "bpc": mean,
                 "bpc_std": [statistics.pstdev(v) for v in per_sigma],
                 "degradation": [m / mean[0] for m in mean],
-                "embedding_rms": embedding_rms(trained.net, inputs, args.batch_size),
+                "embedding_rms": rms,
+                "noise_sigmas": noise,
             }
         results["models"][label] = model
     reference = labels[0]
@@ -117,6 +129,11 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def sigma_label(results: dict[str, Any]) -> str:
+    """What the noise levels are: absolute standard deviations, or fractions of each model's embedding RMS."""
+    return "noise sigma / embedding RMS" if results.get("noise_scale") == "relative" else "noise sigma"
+
+
 def plot(results: dict[str, Any], split: str, path: Path) -> Path:
     sigmas = results["sigmas"]
     fig, (ax_abs, ax_rel) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -124,8 +141,8 @@ def plot(results: dict[str, Any], split: str, path: Path) -> Path:
         r = model["splits"][split]
         ax_abs.errorbar(sigmas, r["bpc"], yerr=r["bpc_std"], fmt="o-", color=f"C{i}", capsize=2, label=label)
         ax_rel.plot(sigmas, r["degradation"], "o-", color=f"C{i}", label=label)
-    ax_abs.set(xlabel="noise sigma", ylabel="bits per character", title=f"(a) absolute BPC ({split})")
-    ax_rel.set(xlabel="noise sigma", ylabel="noisy BPC / clean BPC", title=f"(b) relative degradation ({split})")
+    ax_abs.set(xlabel=sigma_label(results), ylabel="bits per character", title=f"(a) absolute BPC ({split})")
+    ax_rel.set(xlabel=sigma_label(results), ylabel="noisy BPC / clean BPC", title=f"(b) relative degradation ({split})")
     ax_abs.legend()
     ax_rel.legend()
     return save(fig, path)
@@ -144,7 +161,7 @@ def tables(results: dict[str, Any]) -> list[str]:
             row += [results["models"][lab]["splits"][split]["versus_reference"]["degradation_gap_points"][i]
                     for lab in labels[1:]]
             rows.append(row)
-        headers = (["sigma"] + [f"{lab} BPC" for lab in labels] + [f"{lab} deg." for lab in labels]
+        headers = ([sigma_label(results)] + [f"{lab} BPC" for lab in labels] + [f"{lab} deg." for lab in labels]
                    + [f"gap {lab} (pts)" for lab in labels[1:]])
         sections.append(f"### {split} split\n\n" + markdown_table(headers, rows))
         for lab in labels[1:]:
@@ -174,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     results["paper"] = PAPER
     write_json(args.out / "results.json", {**results, "provenance": meta})
     sections = tables(results) + [f"![noise]({f'noise_{s}.png'})" for s in args.splits]
-    sections.append(f"Noise levels: {args.n_sigmas} from 0 to {args.sigma_max:g} (absolute, in embedding units; "
+    scale = ("fractions of each model's embedding RMS" if args.relative else "absolute, in embedding units")
+    sections.append(f"Noise levels: {args.n_sigmas} from 0 to {results['sigmas'][-1]:g} ({scale}; "
                     f"embedding RMS per coordinate: {meta['embedding_rms']}), {args.draws} draws each. Paper at its "
                     f"largest sigma: CE-only {PAPER['CE-only']['largest_sigma']} (x{PAPER['CE-only']['degradation']}), "
                     f"Margin-only {PAPER['Margin-only']['largest_sigma']} (x{PAPER['Margin-only']['degradation']}).")

@@ -4,7 +4,8 @@ The steps are the subcommands themselves, called with the flags below, so each c
 
 1. ``scalar-geometry`` (Figures 3.2, 3.3),
 2. ``ce-vs-margin`` (Table 7.2, Figure 7.4) — trains the CE-only and Margin-only runs,
-3. ``noise-robustness`` on those two runs (Figure 7.5),
+3. ``noise-robustness`` on those two runs (Figure 7.5), with absolute noise and with ``--relative`` noise
+   (scaled to each model's embedding RMS) into ``noise_robustness_relative``,
 4. ``regularization-path`` (Table 1, Figure 7.6) — trains one run per ``lambda_m`` (the two above are reused),
 5. ``support-tokens`` on the two runs.
 
@@ -59,6 +60,8 @@ def steps(args: argparse.Namespace) -> list[list[str]]:
         ["ce-vs-margin", "--preset", preset, "--lambda-m", f"{args.lambda_m:g}", "--runs-dir", str(runs),
          "--out", str(out / "ce_vs_margin")] + progress,
         ["noise-robustness", "--runs", *pair, "--out", str(out / "noise_robustness")] + noise + windows,
+        ["noise-robustness", "--relative", "--runs", *pair, "--out", str(out / "noise_robustness_relative")]
+        + (["--draws", "2"] if args.quick else []) + windows,
         ["regularization-path", "--preset", preset, "--runs-dir", str(runs), "--out", str(out / "regularization_path")]
         + path + windows + progress,
         ["support-tokens", "--runs", *pair, "--out", str(out / "support_tokens")]

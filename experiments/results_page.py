@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,15 @@ def ce_section(res: dict[str, Any]) -> list[str]:
     ]
 
 
-def noise_section(res: dict[str, Any]) -> list[str]:
+def noise_section(res: dict[str, Any], folder: str = "noise_robustness") -> list[str]:
     labels = list(res["models"])
-    out = ["## Robustness to embedding noise (Figure 7.5)"]
+    relative = res.get("noise_scale") == "relative"
+    out = ["## Robustness to noise scaled to each model's embedding RMS" if relative
+           else "## Robustness to embedding noise (Figure 7.5)"]
+    if relative:
+        out.append("The same sweep with noise `sigma x RMS`, RMS the model's own embedding RMS per coordinate: a model "
+                   "that spreads its embeddings meets proportionally larger noise (`prob-attention noise-robustness "
+                   "--relative`).")
     for split in res["models"][labels[0]]["splits"]:
         ref = res["models"][labels[0]]["splits"][split]
         rows = []
@@ -124,7 +131,7 @@ def noise_section(res: dict[str, Any]) -> list[str]:
             row += [res["models"][lab]["splits"][split]["degradation"][i] for lab in labels]
             rows.append(row)
         out.append(f"**{split}** ({ref['windows']} windows of 128 characters, {res['draws']} draws per level)")
-        out.append(markdown_table(["sigma"] + [f"{lab} BPC" for lab in labels] + [f"{lab} deg." for lab in labels],
+        out.append(markdown_table(["sigma / RMS" if relative else "sigma"] + [f"{lab} BPC" for lab in labels] + [f"{lab} deg." for lab in labels],
                                   rows))
         for lab in labels[1:]:
             v = res["models"][lab]["splits"][split]["versus_reference"]
@@ -138,25 +145,32 @@ def noise_section(res: dict[str, Any]) -> list[str]:
     out.append(f"Paper at its largest sigma: CE-only {res['paper']['CE-only']['largest_sigma']} "
                f"(x{res['paper']['CE-only']['degradation']}), Margin-only {res['paper']['Margin-only']['largest_sigma']} "
                f"(x{res['paper']['Margin-only']['degradation']}). {_provenance(res['provenance'])} "
-               "![noise](../results/noise_robustness/noise_val.png)")
+               f"![noise](../results/{folder}/noise_val.png)")
     return out
 
 
-def path_section(res: dict[str, Any]) -> list[str]:
-    out = ["## Regularization path (Table 1, Figure 7.6)"]
+def path_section(res: dict[str, Any], folder: str = "regularization_path") -> list[str]:
+    train = res["config"]["train"]
+    out = [f"## Regularization path (Table 1, Figure 7.6), {train['epochs']} epochs"]
+    relative = "sigma_relative" in res
     for split in res["points"][0]["splits"]:
-        rows = [[p["lambda_m"], s["clean_bpc"], s["noisy_bpc"], s["degradation"], s["entropy"], s["var_ratio"],
-                 s["snr"], s["log_det"]] for p in res["points"] for s in [p["splits"][split]]]
-        out.append(f"**{split}**, noise sigma = {res['sigma']:g}")
-        out.append(markdown_table(["lambda_m", "clean BPC", "noisy BPC", "deg.", "H (nats)", "Var/RMS²", "SNR",
-                                   "mean log det"], rows))
-        opt = res["optimum"][split]["noisy_bpc"]
-        out.append(f"Optimum by noisy BPC ({split}), found by the code: lambda_m = {opt['lambda_m']:g} "
-                   f"({opt['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0; interior optimum: "
-                   f"{opt['interior']}).")
+        rows = [[p["lambda_m"], s["clean_bpc"], s["noisy_bpc"], s["degradation"]]
+                + ([s["embedding_rms"], s["noisy_bpc_relative"], s["degradation_relative"]] if relative else [])
+                + [s["entropy"], s["var_ratio"], s["snr"], s["log_det"]]
+                for p in res["points"] for s in [p["splits"][split]]]
+        out.append(f"**{split}**, noise sigma = {res['sigma']:g}"
+                   + (f" and sigma = {res['sigma_relative']:g} x RMS" if relative else ""))
+        out.append(markdown_table(["lambda_m", "clean BPC", "noisy BPC", "deg."]
+                                  + (["RMS", "noisy BPC (rel.)", "deg. (rel.)"] if relative else [])
+                                  + ["H (nats)", "Var/RMS²", "SNR", "mean log det"], rows))
+        found = [f"by {key.replace('_', ' ')}: lambda_m = {opt['lambda_m']:g} "
+                 f"({opt['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0, interior: {opt['interior']})"
+                 for key, opt in res["optimum"][split].items()]
+        out.append(f"Optimum ({split}), found by the code, " + "; ".join(found) + ".")
     lams = [p["lambda_m"] for p in res["points"]]
-    out.append(f"Points measured: lambda_m in {lams} (paper: 0, .005, .01, .02, .05, .1, .2; clean 2.109 -> 2.173, "
-               f"noisy 4.934 at 0 -> 4.496 at .02). {_provenance(res['provenance'])}")
+    out.append(f"Points measured: lambda_m in {lams}, {train['epochs']} epochs each (paper: 0, .005, .01, .02, .05, .1, "
+               f".2 at 20 epochs; clean 2.109 -> 2.173, noisy 4.934 at 0 -> 4.496 at .02). "
+               f"{_provenance(res['provenance'])} ![path](../results/{folder}/path.png)")
     return out
 
 
@@ -172,17 +186,19 @@ def support_section(res: dict[str, Any]) -> list[str]:
     ]
 
 
-def decoding_section(res: dict[str, Any]) -> list[str]:
+def decoding_section(res: dict[str, Any], folder: str = "decoding") -> list[str]:
     runs = res["runs"]
     signals = list(runs[0]["metrics"])
     rows = [[s] + [v for r in runs for v in (r["metrics"][s]["auroc"], r["metrics"][s]["aurc"])] for s in signals]
     headers = ["signal"] + [f"{Path(r['run_dir']).name} {m}" for r in runs for m in ("AUROC", "AURC")]
+    ratio = runs[0]["tau"] / runs[0]["sigma"]
     return [
-        "## Uncertainty signals for next-character errors (posterior, SMC)",
+        f"## Uncertainty signals for next-character errors (posterior, SMC; tau = {ratio:.2g} sigma)",
         markdown_table(headers, rows),
-        ("Error rate of the MAP model's top-1 character: " + ", ".join(
-            f"{Path(r['run_dir']).name} {r['error_rate']:.3f} ({r['positions']} positions, oracle AURC "
-            f"{r['oracle_aurc']:.3f})" for r in runs) + f". {_provenance(res['provenance'])}"),
+        ("Top-1 error rate of the MAP model (the event predicted) and of the SMC posterior predictive: " + ", ".join(
+            f"{Path(r['run_dir']).name} {r['error_rate']:.3f} / {r['smc_error_rate']:.3f} ({r['positions']} positions, "
+            f"{r['particles']} particles, oracle AURC {r['oracle_aurc']:.3f})" for r in runs)
+         + f". {_provenance(res['provenance'])} ![risk-coverage](../results/{folder}/risk_coverage.png)"),
     ]
 
 
@@ -211,9 +227,15 @@ SECTIONS = [
     ("scalar_geometry/scalar_geometry.json", scalar_section, "prob-attention scalar-geometry"),
     ("ce_vs_margin/results.json", ce_section, "prob-attention ce-vs-margin"),
     ("noise_robustness/results.json", noise_section, "prob-attention noise-robustness --runs CE MARGIN"),
+    ("noise_robustness_relative/results.json", partial(noise_section, folder="noise_robustness_relative"),
+     "prob-attention noise-robustness --relative --runs CE MARGIN --out results/noise_robustness_relative"),
     ("regularization_path/results.json", path_section, "prob-attention regularization-path"),
+    ("regularization_path_4ep/results.json", partial(path_section, folder="regularization_path_4ep"),
+     "prob-attention regularization-path --epochs 4 --out results/regularization_path_4ep"),
     ("support_tokens/results.json", support_section, "prob-attention support-tokens --runs CE MARGIN"),
     ("decoding/results.json", decoding_section, "prob-attention decoding-study --run-dirs CE MARGIN"),
+    ("decoding_tau0.1/results.json", partial(decoding_section, folder="decoding_tau0.1"),
+     "prob-attention decoding-study --run-dirs CE MARGIN --tau-ratio 0.1 --out results/decoding_tau0.1"),
 ]
 
 

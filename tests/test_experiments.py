@@ -23,6 +23,7 @@ OUTPUTS = {
                         "fig3_3_population.png"],
     "ce_vs_margin": ["results.json", "table.md", "curves.png"],
     "noise_robustness": ["results.json", "table.md", "noise_val.png", "noise_test.png"],
+    "noise_robustness_relative": ["results.json", "table.md", "noise_val.png", "noise_test.png"],
     "regularization_path": ["results.json", "table.md", "path.png"],
     "support_tokens": ["results.json", "table.md", "heat_strip.png", "margins.png"],
 }
@@ -44,12 +45,13 @@ def test_reproduce_quick_writes_every_experiment(quick: Path) -> None:
             assert (quick / "out" / experiment / name).stat().st_size > 0, f"{experiment}/{name} missing"
     steps = json.loads((quick / "out" / "reproduce.json").read_text())["steps"]
     assert [s["argv"][0] for s in steps] == ["scalar-geometry", "ce-vs-margin", "noise-robustness",
-                                             "regularization-path", "support-tokens"]
+                                             "noise-robustness", "regularization-path", "support-tokens"]
     assert all(s["status"] == 0 for s in steps)
 
 
 def test_every_table_names_its_command_device_and_corpus(quick: Path) -> None:
-    for experiment in ("ce_vs_margin", "noise_robustness", "regularization_path", "support_tokens"):
+    for experiment in ("ce_vs_margin", "noise_robustness", "noise_robustness_relative", "regularization_path",
+                       "support_tokens"):
         meta = json.loads((quick / "out" / experiment / "results.json").read_text())["provenance"]
         assert meta["command"] and meta["device"] and meta["wall_seconds"] >= 0
         assert meta["corpus"] == "wt2-valtest-offline"
@@ -63,6 +65,26 @@ def test_noise_results_are_consistent(quick: Path) -> None:
         for split in model["splits"].values():
             assert split["degradation"][0] == 1.0
             assert split["bpc"][-1] > split["bpc"][0]  # the largest noise hurts
+
+
+def test_relative_noise_is_a_fraction_of_each_models_embedding_rms(quick: Path) -> None:
+    absolute = json.loads((quick / "out" / "noise_robustness" / "results.json").read_text())
+    relative = json.loads((quick / "out" / "noise_robustness_relative" / "results.json").read_text())
+    assert absolute["noise_scale"] == "absolute" and relative["noise_scale"] == "relative"
+    for model in relative["models"].values():
+        for split in model["splits"].values():
+            assert split["noise_sigmas"] == pytest.approx([s * split["embedding_rms"] for s in relative["sigmas"]])
+    for model in absolute["models"].values():
+        assert all(split["noise_sigmas"] == absolute["sigmas"] for split in model["splits"].values())
+
+
+def test_the_path_scores_noise_relative_to_each_models_rms(quick: Path) -> None:
+    results = json.loads((quick / "out" / "regularization_path" / "results.json").read_text())
+    for point in results["points"]:
+        for split in point["splits"].values():
+            assert split["embedding_rms"] > 0
+            assert split["degradation_relative"] == pytest.approx(split["noisy_bpc_relative"] / split["clean_bpc"])
+    assert set(results["optimum"]["val"]) == {"noisy_bpc", "degradation", "noisy_bpc_relative"}
 
 
 def test_reproduce_reuses_finished_runs(quick: Path) -> None:
