@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -13,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["provenance", "markdown_table", "write_json", "write_markdown", "write_text", "fmt"]
+from inference.checkpoint import write_text_atomic
+
+__all__ = ["provenance", "markdown_table", "write_json", "write_markdown", "fmt"]
 
 
 def _commit() -> str:
@@ -57,17 +58,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
     return "\n".join(lines)
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a temporary file, then a rename), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_json(path: Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_markdown(path: Path, title: str, sections: Sequence[str], meta: dict[str, Any]) -> Path:
@@ -76,4 +68,4 @@ def write_markdown(path: Path, title: str, sections: Sequence[str], meta: dict[s
     for section in sections:
         lines += [section, ""]
     lines += ["Produced by:", ""] + [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in meta.items()]
-    return write_text(path, "\n".join(lines) + "\n")
+    return write_text_atomic(path, "\n".join(lines) + "\n")

@@ -18,6 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from inference.checkpoint import write_text_atomic
+
 from .report import markdown_table
 
 HELP = "assemble docs/RESULTS.md from the results folder (numbers, provenance, verdicts against the targets)"
@@ -252,7 +254,6 @@ def run(args: argparse.Namespace) -> int:
     page = build(args.results)
     if args.out.exists() and MARKER in (old := args.out.read_text()):
         page += "\n" + old[old.index(MARKER):]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page)
+    write_text_atomic(args.out, page)
     print(f"wrote {args.out}")
     return 0

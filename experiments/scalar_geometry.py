@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from inference.checkpoint import write_text_atomic
 from prob_attention import (
     EmbeddingPrior,
     conditional_log_prob,
@@ -49,7 +50,7 @@ from prob_attention.scalar import scalar_attention
 from prob_attention.statistics import weighted_covariance
 
 from .flags import add_dataclass_flags, set_fields
-from .report import write_json, write_text
+from .report import write_json
 
 HELP = "scalar positive/zero/negative coupling: conditional densities and a population study (Section 3.4)"
 
@@ -388,7 +389,7 @@ def run_experiment(config: ScalarGeometryConfig, out: Path, quick: bool = False)
     }
     res["config"]["context"] = list(config.context)
     write_json(out / "scalar_geometry.json", res)
-    write_text(out / "scalar_geometry.md", _markdown(res))
+    write_text_atomic(out / "scalar_geometry.md", _markdown(res))
     return res
 
 

@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "read_config"]
+__all__ = ["CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "read_config", "write_text_atomic"]
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -232,6 +232,20 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     _fsync(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place; a leftover is harmless
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a fsynced temporary sibling and a rename, creating the folder:
+    a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_text(tmp, text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -54,7 +54,7 @@ from prob_attention import CausalAttentionTransform, safe_log_barrier
 from prob_attention.corpus import CharCorpus, CharVocab, eval_windows, load_corpus, random_windows
 from prob_attention.gpt import GPTConfig, SmallGPT
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
 
 __all__ = [
     "PriorConfig",
@@ -555,7 +555,8 @@ class MAPTrainer:
         state = {"epoch": self.epoch, "history": self.history}
         save_checkpoint(ckpt, modules={"net": self.net}, config=self.full_config(), state=state,
                         optimizer_state=optim.get_state())
-        _write_json_atomic(self.run_dir / HISTORY_FILE, {"config": self.full_config(), "history": self.history})
+        write_text_atomic(self.run_dir / HISTORY_FILE,
+                          json.dumps({"config": self.full_config(), "history": self.history}, indent=2, sort_keys=True))
 
     def _resume(self, optim: GlobalClipScheduler) -> bool:
         ckpt = self._checkpoint_dir()
@@ -584,7 +585,7 @@ class MAPTrainer:
         optim = make_optimizer(self.net, tc, total)
         if self.run_dir is not None and self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(self.run_dir / "config.json", self.full_config())
+            write_text_atomic(self.run_dir / "config.json", json.dumps(self.full_config(), indent=2, sort_keys=True))
         resumed = resume and self._resume(optim)
         if resume and not resumed and self.verbose:
             self.log("no checkpoint to resume from: starting a new run")
@@ -784,12 +785,6 @@ def _format_record(r: dict[str, Any]) -> str:
             f"seq margin {r.get('val_seq_margin_mean', float('nan')):+.4f}  clamped {r['train_clamped']}  "
             f"({r['seconds']:.0f}s)")
     return line + (f"  sigma {r['sigma']:.3f}" if "sigma" in r else "")
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def with_overrides(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:

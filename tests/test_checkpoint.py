@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from inference.checkpoint import CheckpointMismatchError, load_checkpoint, read_config, save_checkpoint
+from inference.checkpoint import CheckpointMismatchError, load_checkpoint, read_config, save_checkpoint, write_text_atomic
 from prob_attention.gpt import GPTConfig, SmallGPT
 
 CONFIG = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
@@ -223,3 +223,15 @@ def test_optimizer_file_with_code_is_refused(tmp_path):
     torch.save({"state": Payload()}, tmp_path / "ckpt" / "optimizer.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(tmp_path / "ckpt", modules=build(1))
+
+
+def test_atomic_text_write_replaces_the_file_or_leaves_it_whole(tmp_path, monkeypatch):
+    path = write_text_atomic(tmp_path / "new" / "history.json", "first")
+    assert path.read_text() == "first"
+    write_text_atomic(path, "second")
+    assert path.read_text() == "second"
+    monkeypatch.setattr(os, "replace", _raise)
+    with pytest.raises(OSError, match="simulated"):
+        write_text_atomic(path, "third")
+    assert path.read_text() == "second"
+    assert [p.name for p in path.parent.iterdir()] == ["history.json"]  # no temporary file left behind
