@@ -20,6 +20,7 @@ from typing import Any
 
 from inference.checkpoint import write_text_atomic
 
+from .regularization_path import OPTIMUM_KEYS
 from .report import markdown_table
 
 HELP = "assemble docs/RESULTS.md from the results folder (numbers, provenance, verdicts against the targets)"
@@ -49,6 +50,11 @@ def _provenance(meta: dict[str, Any]) -> str:
     keys = ("command", "device", "wall_seconds", "commit", "date")
     parts = [f"`{meta['command']}`" if k == "command" else f"{k.replace('_', ' ')} {meta[k]}" for k in keys if k in meta]
     return "Produced by " + "; ".join(parts) + "."
+
+
+def _splits(splits: dict[str, Any]) -> list[str]:
+    """The splits of a results file in reading order: validation (the paper's) first, then test."""
+    return sorted(splits, key=lambda split: split != "val")
 
 
 def _verdict(ok: bool) -> str:
@@ -125,7 +131,7 @@ def noise_section(res: dict[str, Any], folder: str = "noise_robustness") -> list
         out.append("The same sweep with noise `sigma x RMS`, RMS the model's own embedding RMS per coordinate: a model "
                    "that spreads its embeddings meets proportionally larger noise (`prob-attention noise-robustness "
                    "--relative`).")
-    for split in res["models"][labels[0]]["splits"]:
+    for split in _splits(res["models"][labels[0]]["splits"]):
         ref = res["models"][labels[0]]["splits"][split]
         rows = []
         for i, s in enumerate(res["sigmas"]):
@@ -155,7 +161,7 @@ def path_section(res: dict[str, Any], folder: str = "regularization_path") -> li
     train = res["config"]["train"]
     out = [f"## Regularization path (Table 1, Figure 7.6), {train['epochs']} epochs"]
     relative = "sigma_relative" in res
-    for split in res["points"][0]["splits"]:
+    for split in _splits(res["points"][0]["splits"]):
         rows = [[p["lambda_m"], s["clean_bpc"], s["noisy_bpc"], s["degradation"]]
                 + ([s["embedding_rms"], s["noisy_bpc_relative"], s["degradation_relative"]] if relative else [])
                 + [s["entropy"], s["var_ratio"], s["snr"], s["log_det"]]
@@ -167,7 +173,7 @@ def path_section(res: dict[str, Any], folder: str = "regularization_path") -> li
                                   + ["H (nats)", "Var/RMS²", "SNR", "mean log det"], rows))
         found = [f"by {key.replace('_', ' ')}: lambda_m = {opt['lambda_m']:g} "
                  f"({opt['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0, interior: {opt['interior']})"
-                 for key, opt in res["optimum"][split].items()]
+                 for key, opt in sorted(res["optimum"][split].items(), key=lambda kv: OPTIMUM_KEYS.index(kv[0]))]
         out.append(f"Optimum ({split}), found by the code, " + "; ".join(found) + ".")
     lams = [p["lambda_m"] for p in res["points"]]
     out.append(f"Points measured: lambda_m in {lams}, {train['epochs']} epochs each (paper: 0, .005, .01, .02, .05, .1, "
