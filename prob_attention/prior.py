@@ -6,6 +6,7 @@ import torch
 from pyro.distributions import Normal, TransformedDistribution
 from torch import Tensor
 
+from .linalg import slogdet
 from .transform import CausalAttentionTransform
 
 __all__ = ["EmbeddingPrior", "conditional_log_prob"]
@@ -89,4 +90,4 @@ def conditional_log_prob(transform: CausalAttentionTransform, prefix: Tensor, x_
     state = transform.attend(seqs, start=seqs.shape[1] - 1)
     z_t = x_t - state.context[:, 0]
     base = Normal(torch.zeros_like(z_t), sigma).to_event(1).log_prob(z_t)
-    return base + torch.linalg.slogdet(transform.jacobian_blocks(state)[:, 0])[1]
+    return base + slogdet(transform.jacobian_blocks(state)[:, 0])[1]

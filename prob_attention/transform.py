@@ -50,6 +50,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
+from .linalg import slogdet, solve
 from .statistics import weighted_cross_covariance, weighted_mean
 
 __all__ = ["CausalAttentionTransform", "AttentionState", "InversionError", "Coupling", "LogdetMethod"]
@@ -307,11 +308,11 @@ class CausalAttentionTransform(TransformModule):
             if self.uses_sylvester:
                 d_t, m = self._sylvester_matrix(state)
                 eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-                sign, logabs = torch.linalg.slogdet(eye - m / d_t[..., None, None])
+                sign, logabs = slogdet(eye - m / d_t[..., None, None])
                 logabs = logabs + self.dim * torch.log(d_t.abs())
                 sign = sign * torch.sign(d_t) ** self.dim
             else:
-                sign, logabs = torch.linalg.slogdet(self.jacobian_blocks(state))
+                sign, logabs = slogdet(self.jacobian_blocks(state))
         return logabs.reshape(*batch, -1), sign.reshape(*batch, -1)
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
@@ -359,7 +360,7 @@ class CausalAttentionTransform(TransformModule):
         state = self.attend(torch.cat([prefix, x_t.unsqueeze(1)], dim=1), start=t)
         residual = x_t - state.context[:, 0] - z_t
         jac = self.jacobian_blocks(state)[:, 0].detach()
-        return x_t - torch.linalg.solve(jac, residual.unsqueeze(-1)).squeeze(-1)
+        return x_t - solve(jac, residual.unsqueeze(-1)).squeeze(-1)
 
     def _tolerance(self, dtype: torch.dtype) -> float:
         return self.newton_tol if self.newton_tol is not None else 1e3 * torch.finfo(dtype).eps
@@ -379,7 +380,7 @@ class CausalAttentionTransform(TransformModule):
                 if bool((res.abs().amax(-1) / scale <= tol).all()):
                     break
                 try:
-                    step = torch.linalg.solve(self.jacobian_blocks(state)[:, 0], res.unsqueeze(-1)).squeeze(-1)
+                    step = solve(self.jacobian_blocks(state)[:, 0], res.unsqueeze(-1)).squeeze(-1)
                 except torch.linalg.LinAlgError:
                     break  # a singular J_tt: the map folds here
                 shrink = torch.ones_like(scale)

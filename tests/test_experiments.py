@@ -157,3 +157,4 @@ def test_the_results_page_reads_every_experiment_and_keeps_hand_written_text(qui
                   "Regularization path", "Support tokens"):
         assert f"## {title}" in text
     assert "target at most +2%: **" in text and "Produced by `" in text
+    assert text.index("**val**") < text.index("**test**")  # the paper's split first
