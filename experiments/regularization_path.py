@@ -4,8 +4,8 @@ One model per ``lambda_m`` (same configuration, seed and initialisation), each t
 ``<runs-dir>/<preset>-lambda<lambda_m>`` (reused when finished there). For each model, on the validation
 and test splits: clean BPC, BPC under embedding noise of standard deviation ``--sigma``, the degradation
 ratio, the same under noise scaled to the model's own embedding RMS (``--sigma-relative x RMS``: a model
-that spreads its embeddings meets proportionally larger noise), and the prior's diagnostics (attention entropy, ``Var_alpha / RMS^2``, SNR, mean log-det and
-sequence margin). The optimum is chosen by the code: the ``lambda_m`` with the lowest noisy validation
+that spreads its embeddings meets proportionally larger noise), and the prior's diagnostics (attention
+entropy, ``Var_alpha / RMS^2``, SNR, mean log-det and sequence margin). The optimum is chosen by the code: the ``lambda_m`` with the lowest noisy validation
 BPC (the paper's criterion), and again by the relative-noise BPC; the test split then reports how that
 choice holds up.
 
@@ -88,7 +88,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(f"lambda_m {lam:g}: " + "  ".join(
             f"{s} clean {p['clean_bpc']:.4f} noisy {p['noisy_bpc']:.4f}" for s, p in point["splits"].items()))
     corpus = trained.corpus
-    return {"points": points, "sigma": args.sigma, "sigma_relative": args.sigma_relative, "draws": args.draws, "corpus": corpus, "config": base.to_dict()}
+    return {"points": points, "sigma": args.sigma, "sigma_relative": args.sigma_relative, "draws": args.draws,
+            "corpus": corpus, "config": base.to_dict()}
 
 
 OPTIMUM_KEYS = ("noisy_bpc", "degradation", "noisy_bpc_relative")

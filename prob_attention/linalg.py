@@ -9,7 +9,10 @@ prior's 16 x 16 blocks). These functions take the LU factorisation and its solve
 whenever the matrices are large and torch runs several CPU threads, and call ``torch.linalg`` directly
 otherwise (CUDA, one thread, small matrices). Gradients are first-order only on the guarded path.
 
-The reproduction (``tests/test_linalg.py``) checks both against float64 ``torch.linalg``.
+``tests/test_linalg.py`` checks both, values and gradients, against float64 ``torch.linalg`` run on one
+thread (with two, torch's own result is the one that is wrong). Not guarded: ``eigvals`` and ``svdvals``
+(:func:`~prob_attention.spectral_margin`, :func:`~prob_attention.singular_margin`), which use other LAPACK
+routines and were not seen to fail.
 """
 
 from __future__ import annotations
