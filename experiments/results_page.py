@@ -221,6 +221,17 @@ def bench_section(folder: Path) -> list[str]:
                            f"full d x d path (target >= 5x: {_verdict(t['speedup'] >= 5)}), float32 relative error "
                            f"{t['rel_err']:.1e} (target <= 1e-5: {_verdict(t['rel_err'] <= 1e-5)}). "
                            f"`{target['meta']['command']}` on {target['meta']['device_name']}.")
+    grid = _load(folder / "barrier-cpu.json")
+    if grid:
+        ok = [r for r in grid["rows"] if r["status"] == "ok"]
+        syl = [r for r in ok if r["method"] == "sylvester" and r.get("speedup_vs_full") and r["d"] >= 256]
+        errs = [r[k] for r in ok for k in ("rel_err", "grad_rel_err") if r.get(k) is not None]
+        out.append(f"Whole grid (d in 64-512, T in 128-1024, d_k in 16/64, forward and forward+backward): {len(ok)} "
+                   f"rows measured, {len(grid['rows']) - len(ok)} skipped (memory, length or autograd limits); "
+                   f"largest float32 relative error of any method, values or gradients, {max(errs):.1e}; Sylvester "
+                   f"over full at d >= 256: {min(r['speedup_vs_full'] for r in syl):.1f}x to "
+                   f"{max(r['speedup_vs_full'] for r in syl):.0f}x. `{grid['meta']['command']}` on "
+                   f"{grid['meta']['device_name']} (results/bench/barrier-cpu.json).")
     if step:
         rows = [[r["lambda_m"], r["median_s"], r["min_s"], r["tokens_per_s"], r["peak_mem_bytes"] / 2**20]
                 for r in step["rows"]]
