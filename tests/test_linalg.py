@@ -20,7 +20,8 @@ def two_threads():
 def _matrices(n: int, batch: int = 6, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     a = torch.eye(n, dtype=dtype) + 0.5 * torch.randn(batch, n, n, generator=g, dtype=dtype) / n**0.5
-    a[0, 0] = -a[0, 0]  # a negative determinant among them, and a row swap
+    a[0, 0] = -a[0, 0]  # a negative determinant
+    a[1] = a[1, [1, 0, *range(2, n)]]  # rows exchanged: partial pivoting must swap them back
     return a
 
 
