@@ -51,8 +51,8 @@ def steps(args: argparse.Namespace) -> list[list[str]]:
     pair = [str(runs / f"{preset}-lambda0"), str(runs / f"{preset}-lambda{args.lambda_m:g}")]
     windows = ["--max-windows", "32"] if args.quick else []
     progress = ["--no-progress"] if args.no_progress else []
-    noise = (["--sigma-max", str(args.sigma_max)] if args.sigma_max is not None else []) + (
-        ["--draws", "2"] if args.quick else [])
+    draws = ["--draws", "2"] if args.quick else []
+    noise = (["--sigma-max", str(args.sigma_max)] if args.sigma_max is not None else []) + draws
     path = (["--sigma", str(args.path_sigma)] if args.path_sigma is not None else []) + (
         ["--lambdas", "0", f"{args.lambda_m:g}", "0.2", "--draws", "2"] if args.quick else [])
     return [
@@ -61,7 +61,7 @@ def steps(args: argparse.Namespace) -> list[list[str]]:
          "--out", str(out / "ce_vs_margin")] + progress,
         ["noise-robustness", "--runs", *pair, "--out", str(out / "noise_robustness")] + noise + windows,
         ["noise-robustness", "--relative", "--runs", *pair, "--out", str(out / "noise_robustness_relative")]
-        + (["--draws", "2"] if args.quick else []) + windows,
+        + draws + windows,
         ["regularization-path", "--preset", preset, "--runs-dir", str(runs), "--out", str(out / "regularization_path")]
         + path + windows + progress,
         ["support-tokens", "--runs", *pair, "--out", str(out / "support_tokens")]

@@ -139,8 +139,8 @@ def noise_section(res: dict[str, Any], folder: str = "noise_robustness") -> list
             row += [res["models"][lab]["splits"][split]["degradation"][i] for lab in labels]
             rows.append(row)
         out.append(f"**{split}** ({ref['windows']} windows of 128 characters, {res['draws']} draws per level)")
-        out.append(markdown_table(["sigma / RMS" if relative else "sigma"] + [f"{lab} BPC" for lab in labels] + [f"{lab} deg." for lab in labels],
-                                  rows))
+        out.append(markdown_table(["sigma / RMS" if relative else "sigma"] + [f"{lab} BPC" for lab in labels]
+                                  + [f"{lab} deg." for lab in labels], rows))
         for lab in labels[1:]:
             v = res["models"][lab]["splits"][split]["versus_reference"]
             gap = v["degradation_gap_points"][-1]
@@ -173,7 +173,7 @@ def path_section(res: dict[str, Any], folder: str = "regularization_path") -> li
                                   + ["H (nats)", "Var/RMS²", "SNR", "mean log det"], rows))
         found = [f"by {key.replace('_', ' ')}: lambda_m = {opt['lambda_m']:g} "
                  f"({opt['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0, interior: {opt['interior']})"
-                 for key, opt in sorted(res["optimum"][split].items(), key=lambda kv: OPTIMUM_KEYS.index(kv[0]))]
+                 for key in OPTIMUM_KEYS if (opt := res["optimum"][split].get(key))]
         out.append(f"Optimum ({split}), found by the code, " + "; ".join(found) + ".")
     lams = [p["lambda_m"] for p in res["points"]]
     out.append(f"Points measured: lambda_m in {lams}, {train['epochs']} epochs each (paper: 0, .005, .01, .02, .05, .1, "
