@@ -2,7 +2,7 @@ r"""Sequential Monte Carlo over the embedding trajectory of :mod:`inference.traj
 
 Step ``t`` extends every particle's prefix ``x_{<t}`` by one embedding, proposed through the prior's
 ``z -> x`` direction: draw ``z_t ~ q(z_t)`` and solve ``x_t - c_t(x_{<t}, x_t) = z_t``
-(:meth:`CausalAttentionTransform._solve_position`). The proposal density of ``x_t`` is
+(:meth:`CausalAttentionTransform.solve_position`). The proposal density of ``x_t`` is
 ``q(z_t) |det J_tt|`` and the prior's transition is ``N(z_t; 0, sigma^2 I) |det J_tt|``
 (:func:`~prob_attention.conditional_log_prob`), so the determinants cancel in the incremental weight::
 
@@ -16,7 +16,7 @@ on ``x_t``: with ``c~ = c_t(x_{<t}, embed(y)_t)``,
 ``q = N(r (embed(y)_t - c~), r tau^2 I)``, ``r = sigma^2 / (sigma^2 + tau^2)``.
 Particles are resampled (systematic) before a step when the effective sample size
 ``ESS = 1 / sum_i w_i^2`` is below ``ess_threshold * P``. A particle whose solve fails
-(:class:`~prob_attention.InversionError`, at a fold) gets weight zero and is counted.
+(no root found, at a fold) gets weight zero and is counted; the others are solved in the same batch.
 
 Why not :class:`pyro.infer.SMCFilter`: (1) the state grows with ``t`` -- the GPT's likelihood of
 ``y_{t+1}`` needs the whole prefix ``x_{1:t}`` and the transition attends to it -- and SMCFilter's docs
@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from prob_attention import InversionError, safe_log_barrier
+from prob_attention import safe_log_barrier
 
 from .posterior import PredictiveSignals, predictive_signals
 from .trajectory import TrajectoryModel
@@ -130,7 +130,7 @@ class TrajectorySMC:
         ratio = tm.sigma**2 / (tm.sigma**2 + tm.tau**2)
         loc, scale = ratio * (anchor - c_guess), math.sqrt(ratio) * tm.tau
         z = loc + scale * torch.randn(loc.shape, generator=self.generator, device=loc.device, dtype=loc.dtype)
-        x_t, ok = self._solve(z, t)
+        x_t, ok = self._solve(z, t, guess=z + c_guess)
         seqs = torch.cat([self.x, x_t.unsqueeze(1)], dim=1)  # (P, t+1, d)
         logabs, sign = tm.transform.log_abs_det_blocks(seqs, tm.transform.attend(seqs, start=t))
         margin = safe_log_barrier(logabs, sign)[0]  # (P, 1)
@@ -142,22 +142,12 @@ class TrajectorySMC:
         self._log_probs = None
         self._add_log_weights(torch.where(ok, delta, torch.full_like(delta, -math.inf)))
 
-    def _solve(self, z: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """``x_t`` for every particle and a mask of the solves that succeeded; failures are counted."""
-        transform = self.model.transform
-        tol = transform._tolerance(z.dtype)
-        try:
-            return transform._solve_position(self.x, z, t, tol), torch.ones_like(z[:, 0], dtype=torch.bool)
-        except (InversionError, torch.linalg.LinAlgError):
-            pass
-        xs, ok = z.clone(), torch.zeros_like(z[:, 0], dtype=torch.bool)
-        for i in range(z.shape[0]):  # one by one, to lose only the particles that fail
-            try:
-                xs[i] = transform._solve_position(self.x[i : i + 1], z[i : i + 1], t, tol)[0]
-                ok[i] = True
-            except (InversionError, torch.linalg.LinAlgError):
-                self.failures += 1
-        return xs, ok
+    def _solve(self, z: Tensor, t: int, guess: Tensor) -> tuple[Tensor, Tensor]:
+        """``x_t`` for every particle, from Newton's first start ``guess``, and a mask of the solves that succeeded;
+        failures are counted."""
+        x_t, ok = self.model.transform.solve_position(self.x, z, t, guess)
+        self.failures += int((~ok).sum())
+        return torch.where(ok[:, None], x_t, z), ok  # a failed particle keeps a finite stand-in; its weight is 0
 
     @torch.no_grad()
     def predict(self) -> PredictiveSignals:

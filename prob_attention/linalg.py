@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["slogdet", "solve", "THREADED_LU_MAX"]
+__all__ = ["slogdet", "solve", "solve_ex", "THREADED_LU_MAX"]
 
 THREADED_LU_MAX = 128
 """Largest matrix size for which a multi-threaded batched CPU LU was correct in our checks."""
@@ -104,3 +104,14 @@ def solve(a: Tensor, b: Tensor) -> Tensor:
     """``torch.linalg.solve(a, b)`` for ``a (..., n, n)``, ``b (..., n, k)`` with the same batch shape, safe on
     multi-threaded CPU."""
     return _SolveOneThread.apply(a, b) if _guarded(a) else torch.linalg.solve(a, b)
+
+
+def solve_ex(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, singular)``: ``x = a^{-1} b`` where ``a`` is invertible and a mask ``(...)`` of the singular matrices
+    of the batch, whose ``x`` is meaningless (``torch.linalg.solve_ex`` without its error check). Never raises on a
+    singular matrix; no gradient on the guarded path. Safe on multi-threaded CPU."""
+    if _guarded(a):
+        lu, pivots, info = _lu(a)
+        return _lu_solve(lu, pivots, b), info > 0
+    x, info = torch.linalg.solve_ex(a, b)
+    return x, info > 0

@@ -50,7 +50,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from .linalg import slogdet, solve
+from .linalg import slogdet, solve, solve_ex
 from .statistics import weighted_cross_covariance, weighted_mean
 
 __all__ = ["CausalAttentionTransform", "AttentionState", "InversionError", "Coupling", "LogdetMethod"]
@@ -323,32 +323,17 @@ class CausalAttentionTransform(TransformModule):
     def _call(self, z: Tensor) -> Tensor:
         """Solve ``x_t - c_t(x_{<t}, x_t) = z_t`` position by position (Newton's method)."""
         flat, batch = self._flat(z)
-        tol = self._tolerance(flat.dtype)
         xs: list[Tensor] = []
         for t in range(flat.shape[1]):
             prefix = torch.stack(xs, dim=1) if xs else flat[:, :0]
-            xs.append(self._solve_position(prefix, flat[:, t], t, tol))
+            xs.append(self._solve_position(prefix, flat[:, t], t))
         return torch.stack(xs, dim=1).reshape(*batch, *flat.shape[-2:])
 
-    def _solve_position(self, prefix: Tensor, z_t: Tensor, t: int, tol: float) -> Tensor:
-        """``x_t`` given the solved prefix ``x_{<t}``, shapes ``(N, t, d)``, ``(N, d)`` -> ``(N, d)``.
-
-        Newton's method from ``x_t = z_t``; where it stalls (near a fold, in the barrier regime) it
-        restarts from ``z_t + sum_h W_o^h W_v^h x_s`` for each past ``s`` (strict causal: the context
-        is a convex combination of such points), then raises :class:`InversionError`.
-        """
-        x_t, err = self._newton(prefix, z_t, z_t, t)
-        if t > 0 and not bool((err <= tol).all()):
-            values = torch.einsum("hdv,hve,nse->nsd", self._output_map(), self._value_map(), prefix)
-            for s in range(t):
-                todo = (err > tol).nonzero().flatten()
-                if todo.numel() == 0:
-                    break
-                x_new, err_new = self._newton(prefix[todo], z_t[todo], z_t[todo] + values[todo, s], t)
-                better = err_new < err[todo]
-                x_t = x_t.index_put((todo[better],), x_new[better])
-                err = err.index_put((todo[better],), err_new[better])
-        if not bool((err <= tol).all()):
+    def _solve_position(self, prefix: Tensor, z_t: Tensor, t: int) -> Tensor:
+        """``x_t`` given the solved prefix ``x_{<t}``, shapes ``(N, t, d)``, ``(N, d)`` -> ``(N, d)``, differentiable;
+        raises :class:`InversionError` where a row has no root (:meth:`solve_position` says where)."""
+        x_t, err = self._newton_with_restarts(prefix, z_t, t)
+        if not bool((err <= self._tolerance(z_t.dtype)).all()):
             worst = int(err.argmax())
             raise InversionError(
                 f"z -> x did not converge at position t={t} (batch element {worst}): relative residual "
@@ -362,37 +347,89 @@ class CausalAttentionTransform(TransformModule):
         jac = self.jacobian_blocks(state)[:, 0].detach()
         return x_t - solve(jac, residual.unsqueeze(-1)).squeeze(-1)
 
+    @torch.no_grad()
+    def solve_position(self, prefix: Tensor, z_t: Tensor, t: int, guess: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x_t`` solving ``x_t - c_t(x_{<t}, x_t) = z_t`` row by row, and a mask of the rows that converged.
+
+        Shapes ``(N, t, d)``, ``(N, d)`` -> ``(N, d)``, ``(N,)``. Unlike :meth:`_call` it does not raise
+        where a row has no root (a fold): that row's mask is False and its value is Newton's last
+        iterate, and the other rows are solved as usual. ``guess`` ``(N, d)``, where given, is Newton's
+        first start (``z_t`` is then the first restart). No gradient. For particle filters that drop the
+        particles whose solve fails (:class:`inference.smc.TrajectorySMC`).
+        """
+        x_t, err = self._newton_with_restarts(prefix, z_t, t, guess)
+        return x_t, err <= self._tolerance(z_t.dtype)
+
     def _tolerance(self, dtype: torch.dtype) -> float:
         return self.newton_tol if self.newton_tol is not None else 1e3 * torch.finfo(dtype).eps
 
+    def _newton_with_restarts(self, prefix: Tensor, z_t: Tensor, t: int,
+                              guess: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(x_t, relative residual)`` per row, without gradient.
+
+        Newton's method from ``guess`` (default ``x_t = z_t``); the rows where it stalls (near a fold, in
+        the barrier regime) restart from ``z_t`` and from ``z_t + sum_h W_o^h W_v^h x_s`` for each past ``s``
+        in turn (strict causal: the context is a convex combination of such points), keeping each row's
+        best iterate.
+        """
+        tol = self._tolerance(z_t.dtype)
+        x_t, err = self._newton(prefix, z_t, z_t if guess is None else guess, t)
+        if t == 0 or bool((err <= tol).all()):
+            return x_t, err
+        with torch.no_grad():
+            values = torch.einsum("hdv,hve,nse->nsd", self._output_map(), self._value_map(), prefix)
+        offsets = ([] if guess is None else [torch.zeros_like(z_t)]) + [values[:, s] for s in range(t)]
+        for offset in offsets:
+            todo = (err > tol).nonzero().flatten()
+            if todo.numel() == 0:
+                break
+            x_new, err_new = self._newton(prefix[todo], z_t[todo], z_t[todo] + offset[todo], t)
+            better = err_new < err[todo]
+            x_t = x_t.index_put((todo[better],), x_new[better])
+            err = err.index_put((todo[better],), err_new[better])
+        return x_t, err
+
     def _newton(self, prefix: Tensor, z_t: Tensor, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """Damped Newton iterations for ``F(x_t) = x_t - c_t - z_t``; returns ``(x_t, relative residual)``."""
+        """Damped Newton iterations for ``F(x_t) = x_t - c_t - z_t`` from ``x_t``, row by row; returns
+        ``(x_t, relative residual)`` (``inf`` where the iterate is not finite).
 
-        def residual(x: Tensor) -> tuple[Tensor, AttentionState]:
-            state = self.attend(torch.cat([prefix, x.unsqueeze(1)], dim=1), start=t)
-            return x - state.context[:, 0] - z_t, state
-
+        Each iteration works on the rows still going: a row stops when it converges or stalls (its
+        ``J_tt`` is singular, or no step down to ``2^-20`` of Newton's reduces ``|F|``; the second
+        happens where attention saturates, ``J_tt`` is about ``I`` while ``c_t`` jumps as ``x_t`` moves,
+        and further iterations cannot help).
+        """
         scale = 1.0 + z_t.abs().amax(-1)
         tol = self._tolerance(z_t.dtype)
+
+        def residual(rows: Tensor, x: Tensor) -> tuple[Tensor, AttentionState]:
+            state = self.attend(torch.cat([prefix[rows], x.unsqueeze(1)], dim=1), start=t)
+            return x - state.context[:, 0] - z_t[rows], state
+
         with torch.no_grad():
-            res, state = residual(x_t)
+            rows = torch.arange(z_t.shape[0], device=z_t.device)
+            x, (res, state) = x_t, residual(rows, x_t)
+            x_t, err = x_t.clone(), res.abs().amax(-1) / scale
+            going = err > tol
             for _ in range(self.newton_max_iter):
-                if bool((res.abs().amax(-1) / scale <= tol).all()):
-                    break
-                try:
-                    step = solve(self.jacobian_blocks(state)[:, 0], res.unsqueeze(-1)).squeeze(-1)
-                except torch.linalg.LinAlgError:
-                    break  # a singular J_tt: the map folds here
-                shrink = torch.ones_like(scale)
-                for _ in range(20):  # halve the step where it does not reduce the residual
-                    candidate = x_t - shrink[:, None] * step
-                    new_res, new_state = residual(candidate)
-                    worse = new_res.norm(dim=-1) > res.norm(dim=-1)
+                if not bool(going.all()):
+                    rows, x = rows[going], x[going]
+                    if rows.numel() == 0:
+                        break
+                    res, state = residual(rows, x)
+                step, singular = solve_ex(self.jacobian_blocks(state)[:, 0], res.unsqueeze(-1))
+                step = torch.where(singular[:, None], 0.0, step.squeeze(-1))
+                shrink = torch.ones_like(rows, dtype=x.dtype)
+                for _ in range(20):  # halve the step where it does not reduce the residual (or is not finite)
+                    candidate = x - shrink[:, None] * step
+                    new_res, new_state = residual(rows, candidate)
+                    worse = ~(new_res.norm(dim=-1) <= res.norm(dim=-1))
                     if not bool(worse.any()):
                         break
                     shrink = torch.where(worse, shrink / 2, shrink)
-                x_t, res, state = candidate, new_res, new_state
-        return x_t, res.abs().amax(-1) / scale
+                x, res, state = candidate, new_res, new_state
+                x_t[rows], err[rows] = x, res.abs().amax(-1) / scale[rows]
+                going = (err[rows] > tol) & ~singular & ~worse
+        return x_t, torch.where(torch.isfinite(err), err, torch.inf)
 
     def extra_repr(self) -> str:
         return (

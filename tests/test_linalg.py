@@ -61,6 +61,18 @@ def test_guarded_solve_of_a_singular_matrix_raises_like_torch(two_threads) -> No
         linalg.solve(a, torch.ones(a.shape[0], a.shape[-1], 1, dtype=a.dtype))
 
 
+@pytest.mark.parametrize("n", [16, linalg.THREADED_LU_MAX + 8], ids=["direct", "guarded"])
+def test_solve_ex_marks_singular_matrices_and_solves_the_others(two_threads, n: int) -> None:
+    a = _matrices(n, seed=2)
+    a[2, :, 0] = 0.0
+    b = torch.randn(a.shape[0], n, 1, dtype=a.dtype)
+    x, singular = linalg.solve_ex(a, b)
+    assert singular.tolist() == [i == 2 for i in range(a.shape[0])]
+    regular = ~singular
+    with linalg._one_thread():
+        torch.testing.assert_close(x[regular], torch.linalg.solve(a[regular], b[regular]), rtol=1e-10, atol=1e-10)
+
+
 def test_small_matrices_and_one_thread_take_torch_directly() -> None:
     assert not linalg._guarded(torch.zeros(4, 16, 16))
     before = torch.get_num_threads()

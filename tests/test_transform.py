@@ -90,6 +90,14 @@ def test_inverse_raises_where_no_preimage_exists(float64):
         transform(z)
 
 
+def test_solve_position_marks_the_rows_without_a_root_and_solves_the_others(float64):
+    transform = scalar_transform(0.5, 0.5, include_current=True)  # z_2 = alpha_21 (x_2 - x_1) is bounded
+    z = torch.tensor([[[1.0], [0.2]], [[1.0], [100.0]]])
+    x_t, converged = transform.solve_position(z[:, :1], z[:, 1], 1)  # the prefix x_1 = z_1
+    assert converged.tolist() == [True, False]
+    torch.testing.assert_close(x_t[0], transform(z[:1])[0, 1])
+
+
 def test_length_one_sequence_is_the_identity(float64):
     transform = CausalAttentionTransform(D, 2, 2)
     x = torch.randn(3, 1, D)
