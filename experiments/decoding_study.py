@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from inference.map import device_name, load_trained
 from inference.posterior import entropy
@@ -38,7 +39,7 @@ from prob_attention.corpus import eval_windows
 
 from .decode import encoded_splits, trajectory_model
 from .plots import plt
-from .report import provenance, write_json, write_markdown
+from .report import markdown_table, provenance, write_json, write_markdown
 from .runs import Stopwatch, resolve_device
 from .selective import aurc, auroc, oracle_aurc, risk_coverage
 
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="seconds: 1 window of 16 characters per split, 8 particles")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar over the windows")
 
 
 def held_out_windows(splits: tuple[torch.Tensor, ...], count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +95,7 @@ def score_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     map_probs = torch.softmax(trained.gpt(inputs)[0].double(), dim=-1)  # (n, L, V)
     columns: dict[str, list[float]] = {k: [] for k in SIGNALS}
     smc_wrong, failures = [], 0
-    for i in range(inputs.shape[0]):
+    for i in tqdm(range(inputs.shape[0]), desc=Path(run_dir).name, unit="window", disable=args.no_progress):
         smc = TrajectorySMC(model, args.particles, seed=args.seed + i)
         signals = smc.run(inputs[i], targets[i])
         failures += smc.failures
@@ -122,19 +124,16 @@ def _safe_auroc(scores: np.ndarray, errors: np.ndarray) -> float | None:
     return auroc(scores, errors) if 0 < errors.sum() < errors.size else None
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One row per signal, AUROC and AURC per run; a header row of per-run facts."""
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    head = "| signal | " + " | ".join(f"{Path(r['run_dir']).name} AUROC | {Path(r['run_dir']).name} AURC" for r in results) + " |"
-    rule = "|---|" + "---|---|" * len(results)
-    rows = [f"| {SIGNALS[k]} | " + " | ".join(f"{fmt(r['metrics'][k]['auroc'])} | {fmt(r['metrics'][k]['aurc'])}"
-                                             for r in results) + " |" for k in SIGNALS]
+def signal_table(results: list[dict[str, Any]]) -> str:
+    """One row per signal, AUROC and AURC per run, then a line of facts per run."""
+    headers = ["signal"] + [f"{Path(r['run_dir']).name} {m}" for r in results for m in ("AUROC", "AURC")]
+    rows = [[SIGNALS[k]] + [r["metrics"][k][m] for r in results for m in ("auroc", "aurc")] for k in SIGNALS]
     facts = [f"- {Path(r['run_dir']).name}: {r['positions']} positions ({r['windows']} windows x {r['window_length']}), "
              f"MAP top-1 error rate {r['error_rate']:.3f} (= AURC of a random score), oracle AURC "
              f"{r['oracle_aurc']:.3f}, SMC top-1 error rate {r['smc_error_rate']:.3f}, sigma {r['sigma']:.4g}, "
              f"tau {r['tau']:.4g}, {r['particles']} particles, {r['inversion_failures']} inversion failures, "
              f"{r['seconds']:.0f} s" for r in results]
-    return "\n".join([head, rule, *rows, "", *facts]) + "\n"
+    return "\n".join([markdown_table(headers, rows), "", *facts]) + "\n"
 
 
 def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
@@ -170,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     meta = provenance(device_name(resolve_device(args.device)), clock.seconds, seed=args.seed,
                       corpus=", ".join(sorted({r["corpus"] for r in results})))
     write_json(args.out / "results.json", {"runs": results, "provenance": meta})
-    table = markdown_table(results)
+    table = signal_table(results)
     plot_curves(results, args.out / "risk_coverage.png")
     write_markdown(args.out / "table.md", "Uncertainty signals for next-character errors", [table, "![risk-coverage](risk_coverage.png)"], meta)
     print(table)
