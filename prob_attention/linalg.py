@@ -12,7 +12,7 @@ otherwise (CUDA, one thread, small matrices). Gradients are first-order only on 
 ``tests/test_linalg.py`` checks both, values and gradients, against float64 ``torch.linalg`` run on one
 thread (with two, torch's own result is the one that is wrong). Not guarded: ``eigvals`` and ``svdvals``
 (:func:`~prob_attention.spectral_margin`, :func:`~prob_attention.singular_margin`), which use other LAPACK
-routines and were not seen to fail.
+routines and agree with one thread (checked in the tests).
 """
 
 from __future__ import annotations

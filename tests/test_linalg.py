@@ -96,3 +96,13 @@ def test_float32_gradients_stay_accurate_with_several_threads(two_threads) -> No
     with linalg._one_thread():
         want = torch.linalg.inv(a.detach().double()).mT
     assert float((grad.double() - want).abs().max()) < 1e-4
+
+
+def test_eigvals_and_svdvals_need_no_guard_with_several_threads(two_threads) -> None:
+    """The spectral and singular margins call these unguarded: with two threads they match one thread."""
+    a = _matrices(linalg.THREADED_LU_MAX + 32, batch=8)
+    eig, sv = torch.linalg.eigvals(a).abs().sort(dim=-1).values, torch.linalg.svdvals(a)
+    with linalg._one_thread():
+        eig_ref, sv_ref = torch.linalg.eigvals(a).abs().sort(dim=-1).values, torch.linalg.svdvals(a)
+    torch.testing.assert_close(eig, eig_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sv, sv_ref, rtol=1e-10, atol=1e-10)
