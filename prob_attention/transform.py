@@ -416,8 +416,8 @@ class CausalAttentionTransform(TransformModule):
                     if rows.numel() == 0:
                         break
                     res, state = residual(rows, x)
-                step, singular = solve_ex(self.jacobian_blocks(state)[:, 0], res.unsqueeze(-1))
-                step = torch.where(singular[:, None], 0.0, step.squeeze(-1))
+                step, singular = self._newton_step(state, res)
+                step = torch.where(singular[:, None], 0.0, step)
                 shrink = torch.ones_like(rows, dtype=x.dtype)
                 for _ in range(20):  # halve the step where it does not reduce the residual (or is not finite)
                     candidate = x - shrink[:, None] * step
@@ -430,6 +430,25 @@ class CausalAttentionTransform(TransformModule):
                 x_t[rows], err[rows] = x, res.abs().amax(-1) / scale[rows]
                 going = (err[rows] > tol) & ~singular & ~worse
         return x_t, torch.where(torch.isfinite(err), err, torch.inf)
+
+    def _newton_step(self, state: AttentionState, res: Tensor) -> tuple[Tensor, Tensor]:
+        """``(J_tt^{-1} F, singular)`` for one query position per row: ``state`` from ``attend(x, start=t)`` with
+        ``x`` of length ``t + 1``, ``F`` ``(N, d)``; ``singular`` ``(N,)`` marks a singular ``J_tt`` (step meaningless).
+
+        Strict causal and low rank (:attr:`uses_sylvester`): ``J_tt = I - U V`` with ``V = [W_q^h]_h`` ``(r, d)``
+        and ``U = [W_o^h W_v^h Sigma^h_t W_k^hT]_h`` ``(d, r)``, so by Woodbury
+        ``J_tt^{-1} F = F + U (I_r - V U)^{-1} V F``: an ``r x r`` solve (``V U`` is the Sylvester matrix
+        ``M_t``). Otherwise the ``d x d`` solve with :meth:`jacobian_blocks`.
+        """
+        if self.include_current or not self.uses_sylvester:
+            step, singular = solve_ex(self.jacobian_blocks(state)[:, 0], res.unsqueeze(-1))
+            return step.squeeze(-1), singular
+        cov_vk = weighted_cross_covariance(state.alpha, state.v, state.k)[:, :, 0]  # W_v Sigma W_k^T, (N, H, d_v, d_k)
+        u = torch.einsum("hdv,nhvk->ndhk", self._output_map(), cov_vk).flatten(-2)  # (N, d, r)
+        v = self.w_q.flatten(0, 1)  # (r, d)
+        eye = torch.eye(v.shape[0], dtype=u.dtype, device=u.device)
+        inner, singular = solve_ex(eye - v @ u, (res @ v.T).unsqueeze(-1))  # (N, r, 1)
+        return res + (u @ inner).squeeze(-1), singular
 
     def extra_repr(self) -> str:
         return (

@@ -57,6 +57,22 @@ def test_jacobian_is_block_lower_triangular_with_closed_form_diagonal(float64, o
     torch.testing.assert_close(blocks[0], torch.eye(D))  # empty context
 
 
+@pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
+def test_newton_step_is_the_inverse_jacobian_block_times_the_residual(float64, opt):
+    torch.manual_seed(4)
+    for logdet in ["full", "sylvester"]:  # the dense d x d solve, and Woodbury's r x r one where it applies
+        try:
+            transform = make(*opt, logdet=logdet)
+        except ValueError:
+            continue
+        x, res = torch.randn(3, 4, D), torch.randn(3, D)
+        state = transform.attend(x, start=3)
+        jac = torch.stack([autograd_jacobian(transform, x[n])[3, :, 3, :] for n in range(3)])
+        step, singular = transform._newton_step(state, res)
+        assert not singular.any()
+        torch.testing.assert_close(jac @ step.unsqueeze(-1), res.unsqueeze(-1))
+
+
 def test_auto_picks_sylvester_only_when_it_is_smaller():
     assert CausalAttentionTransform(8, 1, 2).uses_sylvester
     assert not CausalAttentionTransform(8, 2, 4).uses_sylvester  # r = 8 = d
