@@ -125,15 +125,20 @@ def _safe_auroc(scores: np.ndarray, errors: np.ndarray) -> float | None:
 
 
 def signal_table(results: list[dict[str, Any]]) -> str:
-    """One row per signal, AUROC and AURC per run, then a line of facts per run."""
+    """One row per signal, AUROC and AURC per run (also the results page's table)."""
     headers = ["signal"] + [f"{Path(r['run_dir']).name} {m}" for r in results for m in ("AUROC", "AURC")]
     rows = [[SIGNALS[k]] + [r["metrics"][k][m] for r in results for m in ("auroc", "aurc")] for k in SIGNALS]
-    facts = [f"- {Path(r['run_dir']).name}: {r['positions']} positions ({r['windows']} windows x {r['window_length']}), "
-             f"MAP top-1 error rate {r['error_rate']:.3f} (= AURC of a random score), oracle AURC "
-             f"{r['oracle_aurc']:.3f}, SMC top-1 error rate {r['smc_error_rate']:.3f}, sigma {r['sigma']:.4g}, "
-             f"tau {r['tau']:.4g}, {r['particles']} particles, {r['inversion_failures']} inversion failures, "
-             f"{r['seconds']:.0f} s" for r in results]
-    return "\n".join([markdown_table(headers, rows), "", *facts]) + "\n"
+    return markdown_table(headers, rows)
+
+
+def run_facts(results: list[dict[str, Any]]) -> str:
+    """A line of facts per run: size, error rates, scales, failures, time."""
+    return "\n".join(
+        f"- {Path(r['run_dir']).name}: {r['positions']} positions ({r['windows']} windows x {r['window_length']}), "
+        f"MAP top-1 error rate {r['error_rate']:.3f} (= AURC of a random score), oracle AURC "
+        f"{r['oracle_aurc']:.3f}, SMC top-1 error rate {r['smc_error_rate']:.3f}, sigma {r['sigma']:.4g}, "
+        f"tau {r['tau']:.4g}, {r['particles']} particles, {r['inversion_failures']} inversion failures, "
+        f"{r['seconds']:.0f} s" for r in results)
 
 
 def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
@@ -169,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     meta = provenance(device_name(resolve_device(args.device)), clock.seconds, seed=args.seed,
                       corpus=", ".join(sorted({r["corpus"] for r in results})))
     write_json(args.out / "results.json", {"runs": results, "provenance": meta})
-    table = signal_table(results)
+    table = signal_table(results) + "\n\n" + run_facts(results)
     plot_curves(results, args.out / "risk_coverage.png")
     write_markdown(args.out / "table.md", "Uncertainty signals for next-character errors", [table, "![risk-coverage](risk_coverage.png)"], meta)
     print(table)

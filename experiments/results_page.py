@@ -20,6 +20,7 @@ from typing import Any
 
 from inference.checkpoint import write_text_atomic
 
+from .decoding_study import signal_table
 from .regularization_path import OPTIMUM_KEYS
 from .report import markdown_table
 
@@ -196,13 +197,10 @@ def support_section(res: dict[str, Any]) -> list[str]:
 
 def decoding_section(res: dict[str, Any], folder: str = "decoding") -> list[str]:
     runs = res["runs"]
-    signals = list(runs[0]["metrics"])
-    rows = [[s] + [v for r in runs for v in (r["metrics"][s]["auroc"], r["metrics"][s]["aurc"])] for s in signals]
-    headers = ["signal"] + [f"{Path(r['run_dir']).name} {m}" for r in runs for m in ("AUROC", "AURC")]
     ratio = runs[0]["tau"] / runs[0]["sigma"]
     return [
         f"## Uncertainty signals for next-character errors (posterior, SMC; tau = {ratio:.2g} sigma)",
-        markdown_table(headers, rows),
+        signal_table(runs),
         ("Top-1 error rate of the MAP model (the event predicted) and of the SMC posterior predictive: " + ", ".join(
             f"{Path(r['run_dir']).name} {r['error_rate']:.3f} / {r['smc_error_rate']:.3f} ({r['positions']} positions, "
             f"{r['particles']} particles, oracle AURC {r['oracle_aurc']:.3f})" for r in runs)
