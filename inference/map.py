@@ -776,7 +776,8 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def _format_record(r: dict[str, Any]) -> str:
