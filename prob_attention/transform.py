@@ -394,9 +394,9 @@ class CausalAttentionTransform(TransformModule):
         ``(x_t, relative residual)`` (``inf`` where the iterate is not finite).
 
         Each iteration works on the rows still going: a row stops when it converges or stalls (its
-        ``J_tt`` is singular, or no step down to ``2^-20`` of Newton's reduces ``|F|``; the second
-        happens where attention saturates, ``J_tt`` is about ``I`` while ``c_t`` jumps as ``x_t`` moves,
-        and further iterations cannot help).
+        ``J_tt`` is singular, or no step down to ``2^-20`` of Newton's strictly reduces ``|F|``; the second
+        happens where attention saturates: ``J_tt`` is about ``I`` while ``c_t`` jumps as ``x_t`` moves, ``|F|``
+        stays flat along Newton's direction, and further iterations cannot help).
         """
         scale = 1.0 + z_t.abs().amax(-1)
         tol = self._tolerance(z_t.dtype)
@@ -422,7 +422,7 @@ class CausalAttentionTransform(TransformModule):
                 for _ in range(20):  # halve the step where it does not reduce the residual (or is not finite)
                     candidate = x - shrink[:, None] * step
                     new_res, new_state = residual(rows, candidate)
-                    worse = ~(new_res.norm(dim=-1) <= res.norm(dim=-1))
+                    worse = ~(new_res.norm(dim=-1) < res.norm(dim=-1))
                     if not bool(worse.any()):
                         break
                     shrink = torch.where(worse, shrink / 2, shrink)
