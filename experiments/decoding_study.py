@@ -12,11 +12,14 @@ of the next character. Each signal scores uncertainty (higher = "more likely wro
 * ``smc_entropy``: predictive entropy; ``smc_mi``: mutual information (epistemic part);
 * ``neg_margin``: minus the prior's log-det margin ``log det J_tt`` (near degeneracy = uncertain);
 * ``neg_ess``: minus the SMC effective sample size;
-* baselines from the MAP model (``decode(embed(y))``): ``map_neg_maxprob`` and ``map_entropy``.
+* baselines from the MAP model (``decode(embed(y))``): ``map_neg_maxprob`` and ``map_entropy``;
+* combinations (:data:`COMBINED`): MAP max-probability plus one posterior signal, by a logistic regression
+  cross-fitted between the validation and the test windows, against MAP max-probability alone through
+  the same fit: whether the posterior adds information beyond the point model's confidence.
 
 The event predicted is that the MAP model's top-1 next character is wrong. Reported per signal: the AUROC
 and the area under the risk-coverage curve (AURC; its floor ``oracle_aurc`` and the error rate, the AURC of
-a random score, are given for scale). Outputs in ``--out``: ``results.json``, ``results.md`` and
+a random score, are given for scale). Outputs in ``--out``: ``results.json``, ``table.md`` and
 ``risk_coverage.png``.
 """
 
@@ -41,7 +44,7 @@ from .decode import encoded_splits, trajectory_model
 from .plots import plt
 from .report import markdown_table, provenance, write_json, write_markdown
 from .runs import Stopwatch, resolve_device
-from .selective import aurc, auroc, oracle_aurc, risk_coverage
+from .selective import aurc, auroc, cross_fitted_logistic, oracle_aurc, risk_coverage
 
 HELP = "AUROC / AURC of posterior uncertainty signals for predicting next-character errors (held-out windows)"
 
@@ -54,6 +57,17 @@ SIGNALS = {
     "map_entropy": "MAP entropy",
 }
 """Signal key -> description; every signal is oriented so that higher means more uncertain."""
+
+COMBINED = {
+    "cf_map": "MAP 1 - max-probability alone, cross-fitted",
+    "cf_map_smc_entropy": "MAP 1 - max-probability + SMC entropy",
+    "cf_map_smc_mi": "MAP 1 - max-probability + SMC MI",
+    "cf_map_neg_margin": "MAP 1 - max-probability + minus margin",
+    "cf_map_neg_ess": "MAP 1 - max-probability + minus ESS",
+}
+"""Does a posterior signal add to the point model's confidence? Each is the log-odds of a logistic regression
+on ``map_neg_maxprob`` and the signal, fitted on one split and scored on the other (``cf_map``: on
+``map_neg_maxprob`` alone, the like-for-like baseline)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,15 +84,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar over the windows")
 
 
-def held_out_windows(splits: tuple[torch.Tensor, ...], count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` evenly spaced non-overlapping windows of ``length`` from each split, ``(len(splits) count, L)``."""
-    inputs, targets = [], []
-    for split in splits:
+def held_out_windows(splits: tuple[torch.Tensor, ...], count: int,
+                     length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` evenly spaced non-overlapping windows of ``length`` from each split: inputs and targets
+    ``(n, L)`` and each window's split index ``(n,)``."""
+    inputs, targets, split_of = [], [], []
+    for index, split in enumerate(splits):
         x, y = eval_windows(split, length)
         pick = torch.from_numpy(np.linspace(0, x.shape[0] - 1, min(count, x.shape[0])).round().astype(np.int64))
         inputs.append(x[pick])
         targets.append(y[pick])
-    return torch.cat(inputs), torch.cat(targets)
+        split_of.append(torch.full((pick.numel(),), index))
+    return torch.cat(inputs), torch.cat(targets), torch.cat(split_of)
+
+
+def combined_scores(scores: dict[str, np.ndarray], errors: np.ndarray, folds: np.ndarray) -> dict[str, np.ndarray]:
+    """The :data:`COMBINED` scores from the per-position ``scores`` (cross-fitted over ``folds``)."""
+    base = scores["map_neg_maxprob"][:, None]
+    out = {"cf_map": cross_fitted_logistic(base, errors, folds)}
+    for key in ("smc_entropy", "smc_mi", "neg_margin", "neg_ess"):
+        out[f"cf_map_{key}"] = cross_fitted_logistic(np.hstack([base, scores[key][:, None]]), errors, folds)
+    return out
 
 
 @torch.no_grad()
@@ -89,7 +115,7 @@ def score_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     train, val, test = encoded_splits(trained)
     model = trajectory_model(trained, args.sigma, args.tau_ratio, args.seed, train)
     length = min(args.window_length, trained.gpt_config.block_size)
-    inputs, targets = held_out_windows((val, test), args.windows, length)
+    inputs, targets, split_of = held_out_windows((val, test), args.windows, length)
     device = trained.transform.w_k.device
     inputs, targets = inputs.to(device), targets.to(device)
     map_probs = torch.softmax(trained.gpt(inputs)[0].double(), dim=-1)  # (n, L, V)
@@ -108,6 +134,7 @@ def score_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     columns["map_entropy"] = entropy(map_probs).reshape(-1).tolist()
     errors = (map_probs.argmax(-1) != targets).reshape(-1).cpu().numpy()
     scores = {k: np.asarray(v) for k, v in columns.items()}
+    scores.update(combined_scores(scores, errors, split_of.repeat_interleave(length).numpy()))
     metrics = {k: {"auroc": _safe_auroc(s, errors), "aurc": aurc(s, errors)} for k, s in scores.items()}
     return {
         "run_dir": str(run_dir), "corpus": trained.corpus, "lambda_m": trained.config.train.lambda_m, "positions": int(errors.size), "windows": int(inputs.shape[0]),
@@ -115,8 +142,14 @@ def score_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "error_rate": float(errors.mean()), "smc_error_rate": float(np.mean(smc_wrong)),
         "oracle_aurc": oracle_aurc(errors), "inversion_failures": failures, "metrics": metrics,
         "seconds": time.perf_counter() - started,
-        "curves": {k: [c.tolist() for c in risk_coverage(s, errors)] for k, s in scores.items()},
+        "curves": {k: _thinned(risk_coverage(scores[k], errors)) for k in SIGNALS},
     }
+
+
+def _thinned(curve: tuple[np.ndarray, np.ndarray], points: int = 257) -> list[list[float]]:
+    """``points`` evenly spaced points of a risk-coverage curve (both ends kept), for the JSON and the plot."""
+    keep = np.unique(np.linspace(0, curve[0].size - 1, points).round().astype(np.int64))
+    return [c[keep].tolist() for c in curve]
 
 
 def _safe_auroc(scores: np.ndarray, errors: np.ndarray) -> float | None:
@@ -127,7 +160,8 @@ def _safe_auroc(scores: np.ndarray, errors: np.ndarray) -> float | None:
 def signal_table(results: list[dict[str, Any]]) -> str:
     """One row per signal, AUROC and AURC per run (also the results page's table)."""
     headers = ["signal"] + [f"{Path(r['run_dir']).name} {m}" for r in results for m in ("AUROC", "AURC")]
-    rows = [[SIGNALS[k]] + [r["metrics"][k][m] for r in results for m in ("auroc", "aurc")] for k in SIGNALS]
+    labels = {k: v for k, v in {**SIGNALS, **COMBINED}.items() if k in results[0]["metrics"]}
+    rows = [[label] + [r["metrics"][k][m] for r in results for m in ("auroc", "aurc")] for k, label in labels.items()]
     return markdown_table(headers, rows)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["aurc", "auroc", "oracle_aurc", "risk_coverage"]
+__all__ = ["aurc", "auroc", "cross_fitted_logistic", "oracle_aurc", "risk_coverage"]
 
 
 def _groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,3 +75,38 @@ def oracle_aurc(errors: np.ndarray) -> float:
     errors = np.asarray(errors, dtype=bool).reshape(-1)
     k = np.arange(1, errors.size + 1)
     return float((np.maximum(0, k - (errors.size - errors.sum())) / k).mean())
+
+
+def cross_fitted_logistic(features: np.ndarray, errors: np.ndarray, folds: np.ndarray, l2: float = 1e-3,
+                          iterations: int = 50) -> np.ndarray:
+    """Combine uncertainty scores: the log-odds of an error under a logistic regression on ``features``
+    ``(n, k)``, each item scored by the model fitted on the *other* folds (``folds`` ``(n,)`` labels), so
+    that no item scores itself. Features are standardised on the fitting folds; the fit is Newton's method
+    (IRLS) on the summed log-likelihood with a small ``l2`` ridge, which keeps it finite on separable data
+    and on folds with one class only.
+    """
+    features, errors = np.asarray(features, dtype=float), np.asarray(errors, dtype=float).reshape(-1)
+    folds = np.asarray(folds).reshape(-1)
+    if features.ndim != 2 or features.shape[0] != errors.size or folds.size != errors.size:
+        raise ValueError(f"need features (n, k), errors (n,) and folds (n,), got {features.shape}, "
+                         f"{errors.shape} and {folds.shape}")
+    if np.unique(folds).size < 2:
+        raise ValueError("cross-fitting needs at least two folds")
+    out = np.empty(errors.size)
+    for fold in np.unique(folds):
+        fit, held = folds != fold, folds == fold
+        mean, std = features[fit].mean(0), features[fit].std(0) + 1e-12
+
+        def design(rows: np.ndarray) -> np.ndarray:
+            return np.hstack([np.ones((int(rows.sum()), 1)), (features[rows] - mean) / std])
+
+        x, y, w = design(fit), errors[fit], np.zeros(features.shape[1] + 1)
+        ridge = l2 * np.eye(w.size)
+        for _ in range(iterations):
+            p = 1.0 / (1.0 + np.exp(-(x @ w)))
+            step = np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + ridge, x.T @ (y - p) - ridge @ w)
+            w = w + step
+            if np.abs(step).max() < 1e-10:
+                break
+        out[held] = design(held) @ w
+    return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from experiments.cli import main as cli_main
-from experiments.selective import aurc, auroc, oracle_aurc, risk_coverage
+from experiments.selective import aurc, auroc, cross_fitted_logistic, oracle_aurc, risk_coverage
 from inference.decoding import DecodeConfig, generate
 from inference.map import MAPTrainer, RunConfig
 from inference.posterior import (
@@ -258,5 +258,19 @@ def test_decoding_study_quick_writes_json_markdown_and_png(tiny_run: Path, tmp_p
                    "--device", "cpu"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())["runs"]
-    assert results[0]["positions"] == 32 and set(results[0]["metrics"]) >= {"smc_mi", "map_entropy"}
+    assert results[0]["positions"] == 32 and set(results[0]["metrics"]) >= {"smc_mi", "map_entropy", "cf_map_smc_mi"}
     assert "AUROC" in (out / "table.md").read_text() and (out / "risk_coverage.png").stat().st_size > 0
+
+
+def test_cross_fitted_logistic_scores_each_fold_with_a_model_fitted_on_the_others() -> None:
+    rng = np.random.default_rng(0)
+    errors = rng.random(400) < 0.3
+    features = np.stack([errors + 0.8 * rng.standard_normal(400), rng.standard_normal(400)], axis=1)
+    folds = np.repeat([0, 1], 200)
+    scores = cross_fitted_logistic(features, errors, folds)
+    assert auroc(scores, errors) > 0.7  # the informative feature carries over to held-out folds
+    relabelled = errors.copy()
+    relabelled[:200] = ~relabelled[:200]  # fold 0's own labels must not move fold 0's scores
+    np.testing.assert_allclose(cross_fitted_logistic(features, relabelled, folds)[:200], scores[:200])
+    with pytest.raises(ValueError, match="two folds"):
+        cross_fitted_logistic(features, errors, np.zeros(400))
