@@ -199,7 +199,8 @@ def decoding_section(res: dict[str, Any], folder: str = "decoding") -> list[str]
     runs = res["runs"]
     ratio = runs[0]["tau"] / runs[0]["sigma"]
     return [
-        f"## Uncertainty signals for next-character errors (posterior, SMC; tau = {ratio:.2g} sigma)",
+        f"## Uncertainty signals for next-character errors (posterior, SMC; tau = {ratio:.2g} sigma, "
+        f"{runs[0]['particles']} particles)",
         signal_table(runs),
         ("Top-1 error rate of the MAP model (the event predicted) and of the SMC posterior predictive: " + ", ".join(
             f"{Path(r['run_dir']).name} {r['error_rate']:.3f} / {r['smc_error_rate']:.3f} ({r['positions']} positions, "
@@ -253,6 +254,9 @@ SECTIONS = [
     ("decoding/results.json", decoding_section, "prob-attention decoding-study --run-dirs CE MARGIN"),
     ("decoding_tau0.1/results.json", partial(decoding_section, folder="decoding_tau0.1"),
      "prob-attention decoding-study --run-dirs CE MARGIN --tau-ratio 0.1 --out results/decoding_tau0.1"),
+    ("decoding_tau0.1_p128/results.json", partial(decoding_section, folder="decoding_tau0.1_p128"),
+     "prob-attention decoding-study --run-dirs CE MARGIN --tau-ratio 0.1 --windows 8 --particles 128 "
+     "--out results/decoding_tau0.1_p128"),
 ]
 
 
