@@ -177,8 +177,9 @@ def path_section(res: dict[str, Any], folder: str = "regularization_path") -> li
                  for key in OPTIMUM_KEYS if (opt := res["optimum"][split].get(key))]
         out.append(f"Optimum ({split}), found by the code, " + "; ".join(found) + ".")
     lams = [p["lambda_m"] for p in res["points"]]
-    out.append(f"Points measured: lambda_m in {lams}, {train['epochs']} epochs each (paper: 0, .005, .01, .02, .05, .1, "
-               f".2 at 20 epochs; clean 2.109 -> 2.173, noisy 4.934 at 0 -> 4.496 at .02). "
+    missing = f"; not trained yet: {res['missing']}" if res.get("missing") else ""
+    out.append(f"Points measured: lambda_m in {lams}, {train['epochs']} epochs each{missing} (paper: 0, .005, .01, "
+               f".02, .05, .1, .2 at 20 epochs; clean 2.109 -> 2.173, noisy 4.934 at 0 -> 4.496 at .02). "
                f"{_provenance(res['provenance'])} ![path](../results/{folder}/path.png)")
     return out
 

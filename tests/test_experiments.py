@@ -87,6 +87,18 @@ def test_the_path_scores_noise_relative_to_each_models_rms(quick: Path) -> None:
     assert set(results["optimum"]["val"]) == {"noisy_bpc", "degradation", "noisy_bpc_relative"}
 
 
+def test_finished_only_scores_the_finished_runs_and_lists_the_rest(quick: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["regularization-path", "--preset", "tiny", "--runs-dir", str(quick / "runs"), "--max-windows", "8",
+            "--draws", "1", "--splits", "val", "--finished-only", "--out", str(tmp_path / "path")]
+    assert cli_main(argv + ["--lambdas", "0", "0.02", "0.07"]) == 0
+    results = json.loads((tmp_path / "path" / "results.json").read_text())
+    assert [p["lambda_m"] for p in results["points"]] == [0, 0.02] and results["missing"] == [0.07]
+    assert not (quick / "runs" / "tiny-lambda0.07").exists()  # nothing trained
+    assert "Not trained yet" in (tmp_path / "path" / "table.md").read_text()
+    assert cli_main(argv + ["--lambdas", "0.07"]) == 2 and "no finished run" in capsys.readouterr().err
+
+
 def test_reproduce_reuses_finished_runs(quick: Path) -> None:
     run_dir = quick / "runs" / "tiny-lambda0"
     assert is_finished(run_dir)
