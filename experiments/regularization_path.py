@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import torch
 
-from inference.map import RunConfig
+from inference.map import RunConfig, device_name
 
 from .evaluation import embedding_rms, noisy_bpc, prior_diagnostics
 from .plots import save
@@ -152,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
     results["optimum"] = {split: {key: optimum(points, split, key) for key in OPTIMUM_KEYS} for split in args.splits}
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "path.png")
-    meta = provenance(points[0]["device"] + " (training)", clock.seconds, seed=results["config"]["train"]["seed"],
-                      corpus=results["corpus"], noise_seed=args.noise_seed)
+    training = ", ".join(sorted({p["device"] for p in points}))
+    meta = provenance(f"{device_name(torch.device('cpu'))} (scoring); training: {training}", clock.seconds,
+                      seed=results["config"]["train"]["seed"], corpus=results["corpus"], noise_seed=args.noise_seed)
     write_json(args.out / "results.json", {**results, "paper": {str(k): v for k, v in PAPER.items()}, "provenance": meta})
     sections = []
     for split in args.splits:
