@@ -587,8 +587,9 @@ class MAPTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.json", json.dumps(self.full_config(), indent=2, sort_keys=True))
         resumed = resume and self._resume(optim)
-        if resume and not resumed and self.verbose:
-            self.log("no checkpoint to resume from: starting a new run")
+        if resume and self.verbose:
+            self.log(f"resumed from {self._checkpoint_dir()}: {self.epoch} of {tc.epochs} epochs done" if resumed
+                     else "no checkpoint to resume from: starting a new run")
         if self.verbose:
             self.log(self.describe())
         svi = self.make_svi(optim)

@@ -123,8 +123,10 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(corpus: CharCorpus
         interrupted.fit()
     monkeypatch.setattr(MAPTrainer, "_train_epoch", real_epoch)
 
-    resumed = MAPTrainer(config, tmp_path / "resumed", corpus, progress=False, log=lambda _: None)
+    logged: list[str] = []
+    resumed = MAPTrainer(config, tmp_path / "resumed", corpus, progress=False, log=logged.append)
     history = resumed.fit(resume=True)
+    assert any("1 of 3 epochs done" in line for line in logged)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     for key, value in _weights(straight.net).items():
         assert torch.equal(value, resumed.net.state_dict()[key]), key
