@@ -93,6 +93,8 @@ class TrajectorySMC:
         self.ess: list[float] = []
         self.failures = 0
         self._log_probs: Tensor | None = None  # next-character log-probabilities per particle, (P, V)
+        self._cache = model.gpt.new_cache()  # the GPT's keys and values for the decoded positions of every particle
+        self._logits: Tensor | None = None  # decode(x)_t at the last decoded position, (P, V)
 
     # ----------------------------------------------------------------------------------- weights
     def weights(self) -> Tensor:
@@ -114,6 +116,8 @@ class TrajectorySMC:
         self.x, self.margins = self.x[index], self.margins[index]
         self.log_weights = torch.zeros_like(self.log_weights)
         self._log_probs = None if self._log_probs is None else self._log_probs[index]
+        self._logits = None if self._logits is None else self._logits[index]
+        self._cache.reorder(index)
 
     # ------------------------------------------------------------------------------------- steps
     @torch.no_grad()
@@ -154,12 +158,19 @@ class TrajectorySMC:
         """The posterior predictive of ``y_{t+1}`` and its uncertainty signals, from the current particles."""
         if not self.tokens:
             raise ValueError("predict needs at least one observed character (call extend first)")
-        logits = self.model.next_char_logits(self.x)[:, -1]  # (P, V)
-        self._log_probs = torch.log_softmax(logits.to(self.log_weights.dtype), dim=-1)
+        self._log_probs = torch.log_softmax(self._next_logits().to(self.log_weights.dtype), dim=-1)
         weights = self.weights()
         self.ess.append(self.effective_sample_size())
         margin = float((weights * self.margins[:, -1]).sum())
         return predictive_signals(self._log_probs.exp(), weights, margin=margin, ess=self.ess[-1])
+
+    def _next_logits(self) -> Tensor:
+        """``decode(x)_t`` for every particle ``(P, V)``, decoding only the positions the cache lacks."""
+        new = self.x[:, len(self._cache):]
+        if new.shape[1] > 0:
+            self._logits = self.model.gpt.decode(new, self._cache)[:, -1]
+        assert self._logits is not None
+        return self._logits
 
     @torch.no_grad()
     def observe(self, next_char: int) -> None:

@@ -20,6 +20,15 @@ Example:
     >>> logits, loss = model(idx, targets=idx)
     >>> loss.ndim, bits_per_char(logits, idx).ndim
     (0, 0)
+
+Incremental decoding keeps each layer's keys and values in a :class:`KVCache`, so extending a
+sequence by one position costs one position's forward pass instead of the whole prefix's:
+
+    >>> cache = model.new_cache()
+    >>> first = model.decode(x[:, :5], cache)         # positions 0..4
+    >>> last = model.decode(x[:, 5:], cache)          # positions 5..7, reading the cached 0..4
+    >>> torch.allclose(torch.cat([first, last], 1), model.decode(x), atol=1e-5)
+    True
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "GPTConfig",
+    "KVCache",
+    "LayerCache",
     "CausalSelfAttention",
     "MLP",
     "Block",
@@ -94,6 +105,50 @@ class GPTConfig:
         return cls(**data)
 
 
+@dataclass
+class LayerCache:
+    """One attention layer's keys and values for the positions decoded so far, ``(B, nh, t, hs)`` each."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new positions' keys and values; returns all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys and values of every attention layer of a :class:`SmallGPT`, for incremental decoding.
+
+    :meth:`SmallGPT.decode` with a cache reads the cached positions and appends the new ones, in place.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def __len__(self) -> int:
+        """The number of positions cached."""
+        return self.layers[0].length
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows cached (``None`` while empty)."""
+        k = self.layers[0].k
+        return None if k is None else k.shape[0]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the rows ``index`` (a ``(B',)`` long tensor, repeats allowed), in place: resampled particles."""
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.k, layer.v = layer.k[index], layer.v[index]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention (each position attends to itself and the past)."""
 
@@ -105,15 +160,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, T, C) -> (B, T, C)``."""
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """``(B, T, C) -> (B, T, C)``; with ``cache``, ``x`` follows the cached positions, which it also attends to
+        (the cache is extended by ``x``'s keys and values)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, nh, past + T, hs)
+        # query i (position past + i) sees keys 0..past + i
+        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -144,9 +205,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, T, C) -> (B, T, C)``."""
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """``(B, T, C) -> (B, T, C)`` (``cache``: see :meth:`CausalSelfAttention.forward`)."""
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -206,18 +267,29 @@ class SmallGPT(nn.Module):
         pos = torch.arange(T, device=idx.device)  # (T,)
         return self.wte(idx.long()) + self.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
 
-    def decode(self, x: Tensor) -> Tensor:
+    def new_cache(self) -> KVCache:
+        """An empty :class:`KVCache` for incremental :meth:`decode`."""
+        return KVCache(self.config.n_layer)
+
+    def decode(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits from input embeddings: ``(B, T, n_embd) -> (B, T, vocab_size)``.
 
-        Dropout, the blocks, the final LayerNorm and the (tied) ``lm_head``.
+        Dropout, the blocks, the final LayerNorm and the (tied) ``lm_head``. With ``cache`` (from
+        :meth:`new_cache`), ``x`` holds the positions that follow the cached ones: their logits are
+        returned, the same as decoding the whole sequence, and the cache is extended by them.
         """
         if x.dim() != 3 or x.shape[-1] != self.config.n_embd:
             raise ValueError(
                 f"embeddings must have shape (batch, time, {self.config.n_embd}), got {tuple(x.shape)}"
             )
+        if cache is not None:
+            if len(cache.layers) != len(self.blocks):
+                raise ValueError(f"the cache has {len(cache.layers)} layers, the model {len(self.blocks)}")
+            if cache.batch_size not in (None, x.shape[0]):
+                raise ValueError(f"the cache holds {cache.batch_size} rows, the embeddings {x.shape[0]}")
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])  # (B, T, C)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

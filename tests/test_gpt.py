@@ -1,4 +1,5 @@
-"""SmallGPT: shapes, the embed/decode split, causality, the loss at init, units, bad input, param groups."""
+"""SmallGPT: shapes, the embed/decode split, causality, incremental decoding, the loss at init, units, bad input,
+param groups."""
 
 import math
 
@@ -61,6 +62,37 @@ def test_perturbing_a_future_embedding_never_changes_earlier_logits(model):
     noisy = x.clone()
     noisy[:, 5:] += torch.randn_like(noisy[:, 5:])
     torch.testing.assert_close(model.decode(x)[:, :5], model.decode(noisy)[:, :5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 9, [4, 1, 3, 1], [9]], ids=["one-by-one", "mixed", "all-at-once"])
+def test_cached_decoding_equals_decoding_the_whole_sequence(chunks):
+    torch.manual_seed(0)
+    model = SmallGPT(CONFIG).double().eval()
+    x = model.embed(tokens(3, sum(chunks))) + 0.1 * torch.randn(3, sum(chunks), CONFIG.n_embd, dtype=torch.float64)
+    cache, pieces, start = model.new_cache(), [], 0
+    for n in chunks:
+        pieces.append(model.decode(x[:, start:start + n], cache))
+        start += n
+        assert len(cache) == start
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model.decode(x), rtol=1e-12, atol=1e-12)
+
+
+def test_reordered_cache_decodes_the_reordered_rows(model):
+    x = model.embed(tokens(4, 6))
+    cache = model.new_cache()
+    model.decode(x[:, :5], cache)
+    index = torch.tensor([2, 2, 0, 3, 1])  # resampling: repeats, a different batch size
+    cache.reorder(index)
+    torch.testing.assert_close(model.decode(x[index, 5:], cache), model.decode(x[index])[:, 5:])
+
+
+def test_cache_of_another_batch_or_model_raises(model):
+    cache = model.new_cache()
+    model.decode(model.embed(tokens(2, 3)), cache)
+    with pytest.raises(ValueError, match="rows"):
+        model.decode(model.embed(tokens(3, 1)), cache)
+    with pytest.raises(ValueError, match="layers"):
+        model.decode(model.embed(tokens(2, 1)), SmallGPT(GPTConfig(vocab_size=13, n_layer=1, n_head=2, n_embd=32)).new_cache())
 
 
 def test_loss_at_init_is_close_to_log_vocab():

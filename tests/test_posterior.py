@@ -112,6 +112,17 @@ def test_smc_tracks_an_ess_in_0_p_and_a_predictive_distribution_per_position() -
     assert smc.failures == 0
 
 
+def test_smc_predictive_from_cached_decoding_equals_decoding_every_trajectory_whole() -> None:
+    tm = random_model(weight_scale=0.5)
+    smc = TrajectorySMC(tm, num_particles=8, ess_threshold=1.0)  # resample before every step: the cache follows
+    for token, next_char in [(1, 2), (2, 3), (3, 4), (4, 0)]:
+        smc.extend(token)
+        probs = smc.predict().probs
+        whole = torch.softmax(tm.next_char_logits(smc.x)[:, -1], dim=-1)  # (P, V), no cache
+        torch.testing.assert_close(probs, smc.weights() @ whole, rtol=1e-5, atol=1e-6)
+        smc.observe(next_char)
+
+
 def test_smc_zero_weights_and_counts_particles_whose_inversion_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     tm = random_model()
     solve = tm.transform.solve_position
