@@ -17,6 +17,9 @@ on ``x_t``: with ``c~ = c_t(x_{<t}, embed(y)_t)``,
 Particles are resampled (systematic) before a step when the effective sample size
 ``ESS = 1 / sum_i w_i^2`` is below ``ess_threshold * P``. A particle whose solve fails
 (no root found, at a fold) gets weight zero and is counted; the others are solved in the same batch.
+The GPT's keys and values for every particle's decoded prefix are kept in a
+:class:`~prob_attention.gpt.KVCache` (reordered with the particles), so a prediction decodes one
+position, not the prefix.
 
 Why not :class:`pyro.infer.SMCFilter`: (1) the state grows with ``t`` -- the GPT's likelihood of
 ``y_{t+1}`` needs the whole prefix ``x_{1:t}`` and the transition attends to it -- and SMCFilter's docs
