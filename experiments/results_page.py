@@ -21,7 +21,7 @@ from typing import Any
 from inference.checkpoint import write_text_atomic
 
 from .decoding_study import signal_table
-from .regularization_path import OPTIMUM_KEYS
+from .regularization_path import OPTIMUM_KEYS, draws_phrase
 from .report import markdown_table
 
 HELP = "assemble docs/RESULTS.md from the results folder (numbers, provenance, verdicts against the targets)"
@@ -173,7 +173,8 @@ def path_section(res: dict[str, Any], folder: str = "regularization_path") -> li
                                   + (["RMS", "noisy BPC (rel.)", "deg. (rel.)"] if relative else [])
                                   + ["H (nats)", "Var/RMS²", "SNR", "mean log det"], rows))
         found = [f"by {key.replace('_', ' ')}: lambda_m = {opt['lambda_m']:g} "
-                 f"({opt['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0, interior: {opt['interior']})"
+                 f"({opt['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0{draws_phrase(opt)}, "
+                 f"interior: {opt['interior']})"
                  for key in OPTIMUM_KEYS if (opt := res["optimum"][split].get(key))]
         out.append(f"Optimum ({split}), found by the code, " + "; ".join(found) + ".")
     lams = [p["lambda_m"] for p in res["points"]]

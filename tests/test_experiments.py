@@ -13,7 +13,7 @@ from experiments import results_page
 from experiments.cli import main as cli_main
 from experiments.evaluation import noisy_bpc, prior_diagnostics
 from experiments.noise_robustness import crossover
-from experiments.regularization_path import optimum
+from experiments.regularization_path import draws_phrase, optimum
 from experiments.runs import ensure_trained, is_finished, split_windows
 from inference.checkpoint import CheckpointMismatchError
 from inference.map import RunConfig, evaluate, load_trained
@@ -148,6 +148,15 @@ def test_the_path_optimum_is_the_smallest_noisy_bpc() -> None:
     assert best["lambda_m"] == 0.02 and best["interior"]
     assert best["improvement_over_lambda0_percent"] == pytest.approx(10.0)
     assert not optimum(points[:3], "val")["interior"]
+
+
+def test_the_path_optimum_counts_the_noise_draws_it_wins_against_lambda0() -> None:
+    points = [{"lambda_m": lam, "splits": {"val": {"noisy_bpc": sum(d) / 3, "noisy_bpc_draws": d}}} for lam, d in
+              [(0.0, [5.0, 4.0, 4.5]), (0.02, [4.0, 4.1, 4.3]), (0.1, [4.9, 4.9, 4.9])]]
+    best = optimum(points, "val")
+    assert best["lambda_m"] == 0.02 and (best["draws_better"], best["draws"]) == (2, 3)
+    assert draws_phrase(best) == ", lower in 2 of 3 noise draws"
+    assert draws_phrase(optimum(points[:1], "val")) == ""  # lambda_m = 0 itself: nothing to compare
 
 
 def test_split_windows_rejects_unknown_splits(quick: Path) -> None:
