@@ -189,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
         sections.append(f"### {split} split\n\n" + markdown_table(headers, rows))
         sections.append(
             f"Optimum by noisy BPC ({split}): lambda_m = {opt['noisy_bpc']['lambda_m']:g} "
-            f"({opt['noisy_bpc']['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0{draws_phrase(opt['noisy_bpc'])}; interior: "
-            f"{opt['noisy_bpc']['interior']}); by degradation: lambda_m = {opt['degradation']['lambda_m']:g}; by BPC "
+            f"({opt['noisy_bpc']['improvement_over_lambda0_percent']:+.1f}% vs lambda_m = 0"
+            f"{draws_phrase(opt['noisy_bpc'])}; interior: {opt['noisy_bpc']['interior']}); by degradation: lambda_m = {opt['degradation']['lambda_m']:g}; by BPC "
             f"under noise of {args.sigma_relative:g} x RMS: lambda_m = {opt['noisy_bpc_relative']['lambda_m']:g} "
             f"({opt['noisy_bpc_relative']['improvement_over_lambda0_percent']:+.1f}%"
             f"{draws_phrase(opt['noisy_bpc_relative'])}). "
