@@ -95,7 +95,6 @@ class TrajectorySMC:
         self.tokens: list[int] = []
         self.ess: list[float] = []
         self.failures = 0
-        self._log_probs: Tensor | None = None  # next-character log-probabilities per particle, (P, V)
         self._cache = model.gpt.new_cache()  # the GPT's keys and values for the decoded positions of every particle
         self._logits: Tensor | None = None  # decode(x)_t at the last decoded position, (P, V)
 
@@ -118,7 +117,6 @@ class TrajectorySMC:
         index = systematic_indices(self.weights(), self.num_particles, self.generator)
         self.x, self.margins = self.x[index], self.margins[index]
         self.log_weights = torch.zeros_like(self.log_weights)
-        self._log_probs = None if self._log_probs is None else self._log_probs[index]
         self._logits = None if self._logits is None else self._logits[index]
         self._cache.reorder(index)
 
@@ -146,7 +144,6 @@ class TrajectorySMC:
         delta = delta + normal(x_t, tm.tau).log_prob(anchor).sum(-1)
         self.x, self.margins = seqs, torch.cat([self.margins, margin], dim=1)
         self.tokens.append(int(token))
-        self._log_probs = None
         self._add_log_weights(torch.where(ok, delta, torch.full_like(delta, -math.inf)))
 
     def _solve(self, z: Tensor, t: int, guess: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,27 +158,25 @@ class TrajectorySMC:
         """The posterior predictive of ``y_{t+1}`` and its uncertainty signals, from the current particles."""
         if not self.tokens:
             raise ValueError("predict needs at least one observed character (call extend first)")
-        self._log_probs = torch.log_softmax(self._next_logits().to(self.log_weights.dtype), dim=-1)
         weights = self.weights()
         self.ess.append(self.effective_sample_size())
         margin = float((weights * self.margins[:, -1]).sum())
-        return predictive_signals(self._log_probs.exp(), weights, margin=margin, ess=self.ess[-1])
+        return predictive_signals(self._next_log_probs().exp(), weights, margin=margin, ess=self.ess[-1])
 
-    def _next_logits(self) -> Tensor:
-        """``decode(x)_t`` for every particle ``(P, V)``, decoding only the positions the cache lacks."""
+    def _next_log_probs(self) -> Tensor:
+        """``log softmax(decode(x)_t)`` for every particle ``(P, V)``, decoding only the positions the cache lacks."""
         new = self.x[:, len(self._cache):]
         if new.shape[1] > 0:
             self._logits = self.model.gpt.decode(new, self._cache)[:, -1]
         assert self._logits is not None
-        return self._logits
+        return torch.log_softmax(self._logits.to(self.log_weights.dtype), dim=-1)
 
     @torch.no_grad()
     def observe(self, next_char: int) -> None:
         """Weight the particles by the likelihood of the character ``y_{t+1}`` that follows."""
-        if self._log_probs is None:
-            self.predict()
-        self._add_log_weights(self._log_probs[:, int(next_char)])
-        self._log_probs = None
+        if not self.tokens:
+            raise ValueError("observe needs at least one observed character (call extend first)")
+        self._add_log_weights(self._next_log_probs()[:, int(next_char)])
 
     def run(self, idx: Tensor, next_chars: Tensor | None = None) -> list[PredictiveSignals]:
         """Filter through a text: per position ``t``, extend by ``y_t``, predict ``y_{t+1}``, observe it if given.

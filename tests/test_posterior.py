@@ -123,6 +123,19 @@ def test_smc_predictive_from_cached_decoding_equals_decoding_every_trajectory_wh
         smc.observe(next_char)
 
 
+def test_smc_observe_adds_each_particles_log_probability_of_the_next_character() -> None:
+    tm = random_model(weight_scale=0.5)
+    smc = TrajectorySMC(tm, num_particles=8, ess_threshold=1e-9)  # never resample: weights stay comparable
+    with pytest.raises(ValueError, match="extend"):
+        smc.observe(1)
+    smc.extend(1)
+    before = smc.log_weights.clone()
+    smc.observe(3)  # without a predict first
+    log_probs = torch.log_softmax(tm.next_char_logits(smc.x)[:, -1], dim=-1)[:, 3]
+    torch.testing.assert_close(smc.log_weights - before, log_probs, rtol=1e-5, atol=1e-6)
+    assert smc.ess == []  # observing is not predicting
+
+
 def test_smc_zero_weights_and_counts_particles_whose_inversion_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     tm = random_model()
     solve = tm.transform.solve_position
