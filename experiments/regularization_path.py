@@ -149,12 +149,11 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             if key in relative:
                 ax.plot(x, [p["splits"][split][relative[key]] for p in points], "s--", color=f"C{i}",
                         label=f"{split}, sigma = {results['sigma_relative']:g} x RMS")
+        if key == "noisy_bpc":
+            ax.axvline(optimum(points, "val")["index"], color="grey", linestyle=":", label="optimum (val)")
         ax.set_xticks(x, [f"{lam:g}" for lam in lams])
         ax.set(xlabel="lambda_m", title=title)
         ax.legend(fontsize=8)
-    best = optimum(points, "val")["index"]
-    for ax in axes.flat[1:3]:
-        ax.axvline(best, color="grey", linestyle=":", label="optimum (val)")
     return save(fig, path)
 
 
