@@ -168,6 +168,7 @@ def tables(results: dict[str, Any]) -> list[str]:
             v = results["models"][lab]["splits"][split]["versus_reference"]
             cross = v["crossover"]
             where = ("never" if cross["interval"] is None
+                     else "never (at or below it from sigma = 0 on)" if cross["index"] == 0
                      else f"between sigma = {cross['interval'][0]:.3g} and {cross['interval'][1]:.3g}")
             sections.append(
                 f"{lab} vs {labels[0]} ({split}): clean cost {v['clean_cost_percent']:+.2f}%; absolute curves cross "

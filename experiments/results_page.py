@@ -123,11 +123,15 @@ def ce_section(res: dict[str, Any]) -> list[str]:
     ]
 
 
-def noise_section(res: dict[str, Any], folder: str = "noise_robustness") -> list[str]:
+def noise_section(res: dict[str, Any], folder: str = "noise_robustness", title: str | None = None) -> list[str]:
     labels = list(res["models"])
     relative = res.get("noise_scale") == "relative"
-    out = ["## Robustness to noise scaled to each model's embedding RMS" if relative
-           else "## Robustness to embedding noise (Figure 7.5)"]
+    if title is None:
+        title = ("Robustness to noise scaled to each model's embedding RMS" if relative
+                 else "Robustness to embedding noise (Figure 7.5)")
+    else:
+        title = f"{title}: {', '.join(labels)}"
+    out = [f"## {title}"]
     if relative:
         out.append("The same sweep with noise `sigma x RMS`, RMS the model's own embedding RMS per coordinate: a model "
                    "that spreads its embeddings meets proportionally larger noise (`prob-attention noise-robustness "
@@ -249,6 +253,15 @@ SECTIONS = [
     ("noise_robustness/results.json", noise_section, "prob-attention noise-robustness --runs CE MARGIN"),
     ("noise_robustness_relative/results.json", partial(noise_section, folder="noise_robustness_relative"),
      "prob-attention noise-robustness --relative --runs CE MARGIN --out results/noise_robustness_relative"),
+    ("noise_robustness_path_optimum/results.json",
+     partial(noise_section, folder="noise_robustness_path_optimum",
+             title="Robustness to embedding noise, margin weights compared"),
+     "prob-attention noise-robustness --runs CE MARGIN0.02 MARGIN0.05 --out results/noise_robustness_path_optimum"),
+    ("noise_robustness_path_optimum_relative/results.json",
+     partial(noise_section, folder="noise_robustness_path_optimum_relative",
+             title="Noise scaled to each model's embedding RMS, margin weights compared"),
+     "prob-attention noise-robustness --relative --runs CE MARGIN0.02 MARGIN0.05 "
+     "--out results/noise_robustness_path_optimum_relative"),
     ("regularization_path/results.json", path_section, "prob-attention regularization-path"),
     ("regularization_path_4ep/results.json", partial(path_section, folder="regularization_path_4ep"),
      "prob-attention regularization-path --epochs 4 --out results/regularization_path_4ep"),
