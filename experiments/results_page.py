@@ -150,10 +150,11 @@ def noise_section(res: dict[str, Any], folder: str = "noise_robustness", title: 
             v = res["models"][lab]["splits"][split]["versus_reference"]
             gap = v["degradation_gap_points"][-1]
             every = v["crossover"]["better_at_every_positive_sigma"]
+            cost = v["clean_cost_percent"]
             out.append(
                 f"{lab} vs {labels[0]} ({split}): better at every sigma > 0: {_verdict(every)}; gap in relative "
                 f"degradation at the largest sigma {gap:+.1f} points (paper +12; target >= 12: {_verdict(gap >= 12)}); "
-                f"clean cost {v['clean_cost_percent']:+.2f}%. Embedding RMS per coordinate: "
+                f"clean cost {cost:+.2f}% (target at most +2%: {_verdict(cost <= 2.0)}). Embedding RMS per coordinate: "
                 + ", ".join(f"{k} {m['splits'][split]['embedding_rms']:.3f}" for k, m in res["models"].items()) + ".")
     out.append(f"Paper at its largest sigma: CE-only {res['paper']['CE-only']['largest_sigma']} "
                f"(x{res['paper']['CE-only']['degradation']}), Margin-only {res['paper']['Margin-only']['largest_sigma']} "
