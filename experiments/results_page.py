@@ -264,6 +264,14 @@ SECTIONS = [
              title="Noise scaled to each model's embedding RMS, margin weights compared"),
      "prob-attention noise-robustness --relative --runs CE MARGIN0.02 MARGIN0.05 "
      "--out results/noise_robustness_path_optimum_relative"),
+    ("noise_robustness_seed1/results.json",
+     partial(noise_section, folder="noise_robustness_seed1", title="Robustness to embedding noise, training seed 1"),
+     "prob-attention noise-robustness --runs CE_SEED1 MARGIN0.05_SEED1 --out results/noise_robustness_seed1"),
+    ("noise_robustness_seed1_relative/results.json",
+     partial(noise_section, folder="noise_robustness_seed1_relative",
+             title="Noise scaled to each model's embedding RMS, training seed 1"),
+     "prob-attention noise-robustness --relative --runs CE_SEED1 MARGIN0.05_SEED1 "
+     "--out results/noise_robustness_seed1_relative"),
     ("regularization_path/results.json", path_section, "prob-attention regularization-path"),
     ("regularization_path_4ep/results.json", partial(path_section, folder="regularization_path_4ep"),
      "prob-attention regularization-path --epochs 4 --out results/regularization_path_4ep"),
