@@ -16,7 +16,7 @@ import argparse
 import json
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from inference.checkpoint import write_text_atomic
 
@@ -249,29 +249,26 @@ def bench_section(folder: Path) -> list[str]:
     return out if len(out) > 1 else []
 
 
+def noise_sweeps(folder: str, subject: str, runs: str) -> list[tuple[str, Callable[[Any], list[str]], str]]:
+    """The sections of one set of runs swept under absolute noise and under RMS-relative noise (``--relative``)."""
+    return [
+        (f"{folder}/results.json", partial(noise_section, folder=folder, title=f"Robustness to embedding noise, {subject}"),
+         f"prob-attention noise-robustness --runs {runs} --out results/{folder}"),
+        (f"{folder}_relative/results.json",
+         partial(noise_section, folder=f"{folder}_relative",
+                 title=f"Noise scaled to each model's embedding RMS, {subject}"),
+         f"prob-attention noise-robustness --relative --runs {runs} --out results/{folder}_relative"),
+    ]
+
+
 SECTIONS = [
     ("scalar_geometry/scalar_geometry.json", scalar_section, "prob-attention scalar-geometry"),
     ("ce_vs_margin/results.json", ce_section, "prob-attention ce-vs-margin"),
     ("noise_robustness/results.json", noise_section, "prob-attention noise-robustness --runs CE MARGIN"),
     ("noise_robustness_relative/results.json", partial(noise_section, folder="noise_robustness_relative"),
      "prob-attention noise-robustness --relative --runs CE MARGIN --out results/noise_robustness_relative"),
-    ("noise_robustness_path_optimum/results.json",
-     partial(noise_section, folder="noise_robustness_path_optimum",
-             title="Robustness to embedding noise, margin weights compared"),
-     "prob-attention noise-robustness --runs CE MARGIN0.02 MARGIN0.05 --out results/noise_robustness_path_optimum"),
-    ("noise_robustness_path_optimum_relative/results.json",
-     partial(noise_section, folder="noise_robustness_path_optimum_relative",
-             title="Noise scaled to each model's embedding RMS, margin weights compared"),
-     "prob-attention noise-robustness --relative --runs CE MARGIN0.02 MARGIN0.05 "
-     "--out results/noise_robustness_path_optimum_relative"),
-    ("noise_robustness_seed1/results.json",
-     partial(noise_section, folder="noise_robustness_seed1", title="Robustness to embedding noise, training seed 1"),
-     "prob-attention noise-robustness --runs CE_SEED1 MARGIN0.05_SEED1 --out results/noise_robustness_seed1"),
-    ("noise_robustness_seed1_relative/results.json",
-     partial(noise_section, folder="noise_robustness_seed1_relative",
-             title="Noise scaled to each model's embedding RMS, training seed 1"),
-     "prob-attention noise-robustness --relative --runs CE_SEED1 MARGIN0.05_SEED1 "
-     "--out results/noise_robustness_seed1_relative"),
+    *noise_sweeps("noise_robustness_path_optimum", "margin weights compared", "CE MARGIN0.02 MARGIN0.05"),
+    *noise_sweeps("noise_robustness_seed1", "training seed 1", "CE_SEED1 MARGIN0.05_SEED1"),
     ("regularization_path/results.json", path_section, "prob-attention regularization-path"),
     ("regularization_path_4ep/results.json", partial(path_section, folder="regularization_path_4ep"),
      "prob-attention regularization-path --epochs 4 --out results/regularization_path_4ep"),
