@@ -31,14 +31,8 @@ import pyro
 import torch
 from torch import Tensor
 
-from inference.map import (
-    MAPTrainer,
-    RunConfig,
-    StepStats,
-    make_optimizer,
-    with_overrides,
-)
-from prob_attention.corpus import load_corpus, random_windows
+from inference.map import MAPTrainer, RunConfig, StepStats, with_overrides
+from prob_attention.corpus import load_corpus
 
 from .barrier import (
     _iqr,
@@ -60,14 +54,11 @@ class StepRunner:
 
     def __init__(self, config: RunConfig, corpus: Any, compile_forward: bool) -> None:
         self.trainer = MAPTrainer(config, run_dir=None, corpus=corpus, progress=False, log=lambda line: None)
-        tc = config.train
-        total = tc.epochs * self.trainer.steps_per_epoch
-        self.optim = make_optimizer(self.trainer.net, tc, total)
+        self.optim = self.trainer.make_optimizer()
         net = self.trainer.net
         forward: Callable[[Tensor], Any] = torch.compile(net) if compile_forward else net
         self.svi = self.trainer.make_svi(self.optim, forward)
-        self.stats = StepStats(*(torch.zeros((), dtype=dt, device=self.device)
-                                 for dt in (torch.float32, torch.float32, torch.long)))
+        self.stats = StepStats.zeros(self.device)
         net.train()
 
     @property
@@ -87,13 +78,8 @@ class StepRunner:
 
 def make_batches(runner: StepRunner, n: int, seed: int) -> list[tuple[Tensor, Tensor]]:
     """``n`` training batches drawn as the trainer draws them, already on the device."""
-    tr = runner.trainer
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx, tgt = random_windows(tr.data.train, tr.config.train.batch_size, tr.block, gen)
-        out.append((idx.to(tr.device), tgt.to(tr.device)))
-    return out
+    return [runner.trainer.batch(gen) for _ in range(n)]
 
 
 def timed_step(runner: StepRunner, batch: tuple[Tensor, Tensor]) -> float:
