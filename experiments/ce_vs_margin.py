@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from inference.map import RunConfig, TrainedModel
+from inference.map import RunConfig, TrainedModel, sequence_margin_of
 
 from .plots import plot_epoch_curves
 from .report import markdown_table, provenance, write_json, write_markdown
@@ -67,7 +67,7 @@ def summarize(models: dict[str, TrainedModel]) -> dict[str, Any]:
         last = m.history[-1]
         rows[name] = {
             "train_bpc": last["train_bpc"], "val_bpc": last["val_bpc"], "test_bpc": last.get("test_bpc"),
-            "val_barrier": last["val_barrier"], "val_seq_margin": last["val_seq_margin_mean"],
+            "val_barrier": last["val_barrier"], "val_seq_margin": sequence_margin_of(last),
             "epochs": last["epoch"], "train_seconds": sum(r["seconds"] for r in m.history),
             "lambda_m": m.config.train.lambda_m,
         }

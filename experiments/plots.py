@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from inference.map import sequence_margin_of  # noqa: E402
+
 
 def plot_epoch_curves(histories: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
     """Per-epoch train (dashed) and validation (solid) bits per character, and the validation margin
@@ -23,8 +25,8 @@ def plot_epoch_curves(histories: dict[str, list[dict[str, Any]]], path: Path, ti
         ax_bpc.plot(epochs, [r.get("val_bpc") for r in history], "s-", color=color, label=prefix + "validation")
         ax_bar.plot(epochs, [r.get("val_barrier") for r in history], "o-", color=color,
                     label=prefix + "mean log det J_tt")
-        ax_bar.plot(epochs, [r.get("val_seq_margin_mean") for r in history], "s:", color=color,
-                    label=prefix + "mean sequence margin")
+        ax_bar.plot(epochs, [sequence_margin_of(r) for r in history], "s:", color=color,
+                    label=prefix + "mean sequence margin (t >= 3)")
     ax_bpc.set(xlabel="epoch", ylabel="bits per character", title="cross-entropy")
     ax_bpc.legend(fontsize=8)
     ax_bar.set(xlabel="epoch", ylabel="nats per position", title="embedding prior (validation)")

@@ -30,8 +30,6 @@ from pyro.infer.autoguide import (
 from pyro.optim import Adam
 from torch import Tensor
 
-from prob_attention import safe_log_barrier
-
 from .trajectory import TrajectoryModel, frozen
 
 __all__ = [
@@ -85,8 +83,7 @@ def predictive_signals(probs: Tensor, weights: Tensor | None, margin: float, ess
 def samples_signals(model: TrajectoryModel, samples: Tensor) -> PredictiveSignals:
     """Signals for the character after equally weighted trajectories ``samples`` ``(S, t, d)``."""
     probs = torch.softmax(model.next_char_logits(samples)[:, -1].double(), dim=-1)  # (S, V)
-    logabs, sign = model.transform.log_abs_det_blocks(samples)
-    margin = float(safe_log_barrier(logabs, sign)[0][:, -1].mean())
+    margin = float(model.margins(samples, start=samples.shape[-2] - 1).mean())
     return predictive_signals(probs, None, margin)
 
 

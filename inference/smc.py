@@ -37,8 +37,6 @@ import math
 import torch
 from torch import Tensor
 
-from prob_attention import safe_log_barrier
-
 from .posterior import PredictiveSignals, predictive_signals
 from .trajectory import TrajectoryModel
 
@@ -67,7 +65,7 @@ class TrajectorySMC:
 
     Attributes:
         x: particle trajectories ``(P, t, d)``; ``log_weights``: ``(P,)`` (unnormalised);
-        margins: each particle's ``log det J_ss`` (safeguarded, :func:`~prob_attention.safe_log_barrier`) ``(P, t)``;
+        margins: each particle's ``log det J_ss`` (safeguarded at the run's floor, :meth:`TrajectoryModel.margins`) ``(P, t)``;
         ess: ESS of the weights at each :meth:`predict`; failures: particles lost to failed solves.
 
     Example:
@@ -137,8 +135,7 @@ class TrajectorySMC:
         z = loc + scale * torch.randn(loc.shape, generator=self.generator, device=loc.device, dtype=loc.dtype)
         x_t, ok = self._solve(z, t, guess=z + c_guess)
         seqs = torch.cat([self.x, x_t.unsqueeze(1)], dim=1)  # (P, t+1, d)
-        logabs, sign = tm.transform.log_abs_det_blocks(seqs, tm.transform.attend(seqs, start=t))
-        margin = safe_log_barrier(logabs, sign)[0]  # (P, 1)
+        margin = tm.margins(seqs, start=t)  # (P, 1)
         normal = torch.distributions.Normal
         delta = (normal(0.0, tm.sigma).log_prob(z) - normal(loc, scale).log_prob(z)).sum(-1)
         delta = delta + normal(x_t, tm.tau).log_prob(anchor).sum(-1)

@@ -87,20 +87,26 @@ class TrajectoryModel:
         transform: the prior's causal-attention bijector.
         sigma: latent noise scale of the prior.
         tau: scale of the emission ``embed(y)_t ~ N(x_t, tau^2 I)``.
+        barrier_floor: the safeguard floor of the margins the posterior reports (:class:`PriorTerms`);
+            the trained run's ``PriorConfig.barrier_floor``. The density itself stays exact.
     """
 
     gpt: SmallGPT
     transform: CausalAttentionTransform
     sigma: float
     tau: float
+    barrier_floor: float = 1e-3
 
     def __post_init__(self) -> None:
         if not (self.sigma > 0 and self.tau > 0):
             raise ValueError(f"sigma and tau must be positive, got sigma={self.sigma}, tau={self.tau}")
+        if not self.barrier_floor > 0:
+            raise ValueError(f"barrier_floor must be positive, got {self.barrier_floor}")
 
     @classmethod
     def from_trained(cls, gpt: SmallGPT, transform: CausalAttentionTransform, reference: Tensor | None = None,
-                     sigma: float | None = None, tau_ratio: float = 0.5) -> TrajectoryModel:
+                     sigma: float | None = None, tau_ratio: float = 0.5,
+                     barrier_floor: float = 1e-3) -> TrajectoryModel:
         """``sigma`` given, or :func:`empirical_sigma` of ``gpt.embed(reference)`` (token ids ``(n, T)``);
         ``tau = tau_ratio * sigma``."""
         if sigma is None:
@@ -108,7 +114,7 @@ class TrajectoryModel:
                 raise ValueError("give sigma, or reference text windows to estimate it from")
             with torch.no_grad():
                 sigma = empirical_sigma(transform, gpt.embed(reference.to(transform.w_k.device)))
-        return cls(gpt, transform, float(sigma), tau_ratio * float(sigma))
+        return cls(gpt, transform, float(sigma), tau_ratio * float(sigma), barrier_floor)
 
     @property
     def dim(self) -> int:
@@ -129,8 +135,13 @@ class TrajectoryModel:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
 
     def prior(self, seq_len: int) -> EmbeddingPrior:
-        """The embedding prior over ``seq_len`` positions with this model's ``sigma``."""
+        """The (exact) embedding prior over ``seq_len`` positions with this model's ``sigma``."""
         return EmbeddingPrior(self.transform, seq_len, self.sigma)
+
+    def margins(self, x: Tensor, start: int = 0) -> Tensor:
+        """Safeguarded ``log det J_tt`` of positions ``start..`` of trajectories ``x`` ``(..., S, d)``."""
+        prior = EmbeddingPrior(self.transform, x.shape[-2], self.sigma, barrier_floor=self.barrier_floor)
+        return prior.position_terms(x, start=start).log_det
 
     def next_char_logits(self, x: Tensor) -> Tensor:
         """``decode(x)``: ``(..., T, d) -> (..., T, V)``, any leading batch shape."""

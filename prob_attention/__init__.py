@@ -15,7 +15,7 @@ from .margins import (
     spectral_margin,
     support_tokens,
 )
-from .prior import EmbeddingPrior, conditional_log_prob
+from .prior import EmbeddingPrior, PriorTerms, conditional_log_prob
 from .scalar import scalar_attention, scalar_margin, scalar_transform
 from .transform import AttentionState, CausalAttentionTransform, InversionError
 
@@ -24,6 +24,7 @@ __all__ = [
     "CausalAttentionTransform",
     "EmbeddingPrior",
     "InversionError",
+    "PriorTerms",
     "attention_covariance",
     "attention_entropy",
     "attention_weights",

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -300,3 +300,16 @@ def eval_windows(data: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
     x = data[: n * block_size].view(n, block_size)  # (n, T)
     y = data[1 : n * block_size + 1].view(n, block_size)  # (n, T)
     return x, y
+
+
+def window_batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive batches of at most ``batch_size`` windows from ``(inputs, targets)``, each ``(n, T)``.
+
+    Raises ``ValueError`` when there is no window to score (an empty split, or a cap of 0 windows).
+    """
+    if inputs.shape[0] == 0:
+        raise ValueError("no windows to score: the split is shorter than one window, or the cap is 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for start in range(0, inputs.shape[0], batch_size):
+        yield inputs[start : start + batch_size], targets[start : start + batch_size]

@@ -52,6 +52,8 @@ __all__ = [
     "bits_per_char",
     "configure_param_groups",
     "cross_entropy_nats",
+    "decays",
+    "nats_to_bits",
 ]
 
 
@@ -311,14 +313,24 @@ def cross_entropy_nats(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))  # (N, V), (N,)
 
 
+def nats_to_bits(nats: float | Tensor) -> float | Tensor:
+    """A cross entropy in nats as bits (``nats / ln 2``): per character, bits per character (BPC)."""
+    return nats / math.log(2.0)
+
+
 def bits_per_char(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross entropy in bits per character (= nats / ln 2), a scalar tensor.
+    """Mean cross entropy in bits per character, a scalar tensor.
 
     Args:
         logits: ``(..., vocab_size)``.
         targets: integer ids, shape ``logits.shape[:-1]``.
     """
-    return cross_entropy_nats(logits, targets) / math.log(2.0)
+    return nats_to_bits(cross_entropy_nats(logits, targets))
+
+
+def decays(param: Tensor) -> bool:
+    """Whether AdamW's weight decay applies to ``param``: matrices (``>= 2`` dims) yes, vectors and scalars no."""
+    return param.dim() >= 2
 
 
 def configure_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -336,7 +348,7 @@ def configure_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
     params = list(model.parameters())  # shared parameters are yielded once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if decays(p)]
+    no_decay = [p for p in params if not decays(p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from pyro.distributions import Normal, TransformedDistribution
 from torch import Tensor
 
 from .linalg import slogdet
-from .transform import CausalAttentionTransform
+from .margins import safe_log_barrier
+from .transform import AttentionState, CausalAttentionTransform
 
-__all__ = ["EmbeddingPrior", "conditional_log_prob"]
+__all__ = ["EmbeddingPrior", "PriorTerms", "conditional_log_prob"]
+
+
+class PriorTerms(NamedTuple):
+    """The prior's factors at each position ``t`` (eq. 11), shapes ``batch x T``.
+
+    ``log p(x_t | x_{<t}) = residual_t + log_det_t``:
+
+    - ``residual``: ``log N(z_t; 0, sigma^2 I)`` with ``z_t = x_t - c_t(x)``, the Gaussian term;
+    - ``log_det``: ``log|det J_tt|``, the position's margin-barrier term, continued by its tangent line below
+      the prior's ``barrier_floor`` when it has one (:func:`~prob_attention.safe_log_barrier`);
+    - ``clamped``: the positions where that continuation is used (``det J_tt <= barrier_floor``); without a
+      floor, the positions with ``det J_tt <= 0``, where the map folds.
+    """
+
+    residual: Tensor
+    log_det: Tensor
+    clamped: Tensor
+
+    @property
+    def log_density(self) -> Tensor:
+        """``log p(x_t | x_{<t})`` per position."""
+        return self.residual + self.log_det
 
 
 class EmbeddingPrior(TransformedDistribution):
@@ -29,6 +54,10 @@ class EmbeddingPrior(TransformedDistribution):
             ``pyro.module``).
         seq_len: ``T``.
         sigma: latent noise scale, a float or a (learnable) scalar tensor.
+        barrier_floor: ``None`` (default) for the exact density; a positive determinant below which every
+            ``log det J_tt`` is continued by its tangent line (:func:`~prob_attention.safe_log_barrier`), so
+            that :meth:`log_prob` stays finite and differentiable past the degeneracy boundary. That is the
+            MAP training objective's prior (``PriorConfig.barrier_floor``), not a normalised density.
 
     Example:
         >>> import torch
@@ -44,9 +73,12 @@ class EmbeddingPrior(TransformedDistribution):
         seq_len: int,
         sigma: float | Tensor = 1.0,
         validate_args: bool | None = None,
+        barrier_floor: float | None = None,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        if barrier_floor is not None and not barrier_floor > 0:
+            raise ValueError(f"barrier_floor must be positive (or None for the exact density), got {barrier_floor}")
         ref = transform.w_k
         loc = torch.zeros(seq_len, transform.dim, dtype=ref.dtype, device=ref.device)
         scale = torch.as_tensor(sigma, dtype=ref.dtype, device=ref.device)
@@ -54,25 +86,64 @@ class EmbeddingPrior(TransformedDistribution):
         super().__init__(base, [transform], validate_args=validate_args)
         self.transform = transform
         self.sigma = scale
+        self.barrier_floor = barrier_floor
 
     def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: "EmbeddingPrior | None" = None) -> "EmbeddingPrior":
         """The prior with a batch shape (for ``pyro.plate``); the transform is shared, not copied."""
         new = _instance if _instance is not None else EmbeddingPrior.__new__(EmbeddingPrior)
         super().expand(batch_shape, _instance=new)
-        new.transform, new.sigma = self.transform, self.sigma
+        new.transform, new.sigma, new.barrier_floor = self.transform, self.sigma, self.barrier_floor
         return new
+
+    def position_terms(self, x: Tensor, start: int = 0) -> PriorTerms:
+        """The prior's factors of positions ``start..S-1`` of ``x`` (``batch x S x d``), one attention pass.
+
+        Every other quantity of the prior (:meth:`log_prob`, :meth:`barrier`, the MAP objective's per-token
+        terms, the posterior's margins) is a sum or a slice of these. ``start > 0`` scores only the last
+        positions of a growing sequence (queries ``x_start..``, keys the whole prefix), as a particle
+        filter does.
+        """
+        self.transform.validate_embeddings(x)
+        flat = x.reshape(-1, *x.shape[-2:])
+        state = self.transform.attend(flat, start=start)
+        log_det, clamped = self.log_det_terms(flat, state)
+        z = flat[:, start:] - state.context  # (N, S - start, d)
+        residual = Normal(0.0, self.sigma).log_prob(z).sum(-1)
+        batch = (*x.shape[:-2], -1)
+        return PriorTerms(residual.reshape(batch), log_det.reshape(batch), clamped.reshape(batch))
+
+    def log_det_terms(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, Tensor]:
+        """``(log_det, clamped)`` of :class:`PriorTerms` alone (the margin barrier's terms), ``batch x T``.
+
+        ``state``: an attention pass over ``x`` already made (flattened to ``(N, S, d)``), to reuse.
+        """
+        logabs, sign = self.transform.log_abs_det_blocks(x, state)
+        if self.barrier_floor is None:
+            return logabs, sign <= 0
+        return safe_log_barrier(logabs, sign, self.barrier_floor)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x) = sum_t log p(x_t | x_{<t})`` (eq. 11), shape ``batch``.
+
+        Computed from one attention pass over ``x`` (no ``z`` is cached between calls, so the value always
+        belongs to the transform's current parameters).
+        """
+        if self._validate_args:
+            self._validate_sample(x)
+        return self.position_terms(x).log_density.sum(-1)
 
     def barrier(self, x: Tensor) -> Tensor:
         """The margin barrier ``sum_t log|det J_tt|`` (eq. 11, 12), shape ``batch``."""
-        return self.transform.log_abs_det_blocks(x)[0].sum(-1)
+        return self.log_det_terms(x)[0].sum(-1)
 
     def residual_log_prob(self, x: Tensor) -> Tensor:
         """The Gaussian term ``log N(x - c(x); 0, sigma^2 I)`` alone, shape ``batch``."""
-        return self.base_dist.log_prob(self.transform.inv(x))
+        return self.position_terms(x).residual.sum(-1)
 
     def with_length(self, seq_len: int) -> "EmbeddingPrior":
         """The same prior over sequences of another length (the process is consistent, Theorem 2)."""
-        return EmbeddingPrior(self.transform, seq_len, self.sigma, validate_args=self._validate_args)
+        return EmbeddingPrior(self.transform, seq_len, self.sigma, validate_args=self._validate_args,
+                              barrier_floor=self.barrier_floor)
 
 
 def conditional_log_prob(transform: CausalAttentionTransform, prefix: Tensor, x_t: Tensor, sigma: float) -> Tensor:

@@ -36,7 +36,7 @@ Every public name is importable from ``inference.map``.
 
 from .config import PRESETS, PriorConfig, RunConfig, TrainConfig, with_overrides
 from .devices import device_name, resolve_device
-from .evaluation import evaluate
+from .evaluation import evaluate, sequence_margin_of
 from .loading import TrainedModel, load_trained
 from .network import MAPNet, NetOutput, build_net
 from .objective import NextCharacter, StepStats, empty_guide, map_model
@@ -67,5 +67,6 @@ __all__ = [
     "make_optimizer",
     "map_model",
     "resolve_device",
+    "sequence_margin_of",
     "with_overrides",
 ]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prob_attention import safe_log_barrier
+from prob_attention.corpus import window_batches
+from prob_attention.gpt import nats_to_bits
 
 from .network import MAPNet
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "sequence_margin_of"]
 
 
 @torch.no_grad()
@@ -20,12 +22,13 @@ def evaluate(net: MAPNet, inputs: Tensor, targets: Tensor, batch_size: int, amp:
     """Scores of ``net`` on windows ``(n, T)``: bits per character, and the prior's diagnostics.
 
     Returns ``bpc``; ``barrier`` (mean over positions of ``log det J_tt``, the safeguarded value),
-    ``seq_margin_mean`` / ``seq_margin_min`` (``min_t log det J_tt`` per window, averaged / smallest) and
-    ``clamped`` (positions at or past the safeguard floor) — the prior is evaluated even when it is not
-    trained, as a diagnostic.
+    ``informative_seq_margin_mean`` / ``informative_seq_margin_min`` (the sequence margin
+    ``min_{t >= 3} log det J_tt`` per window, averaged / smallest: positions 1 and 2 attend to at most one
+    value, so ``log det J_tt = 0`` there whatever the model) and ``clamped`` (positions at or past the
+    safeguard floor) — the prior is evaluated even when it is not trained, as a diagnostic. Histories
+    written before the sequence margin skipped ``t = 1, 2`` hold ``seq_margin_mean`` / ``seq_margin_min``
+    instead (the minimum over every position, so never above 0).
     """
-    if inputs.shape[0] == 0:
-        raise ValueError("evaluate needs at least one window")
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
@@ -33,25 +36,29 @@ def evaluate(net: MAPNet, inputs: Tensor, targets: Tensor, batch_size: int, amp:
     barrier_sum = torch.zeros((), dtype=torch.float64, device=device)
     margins: list[Tensor] = []
     clamped = torch.zeros((), dtype=torch.long, device=device)
-    for start in range(0, inputs.shape[0], batch_size):
-        idx = inputs[start : start + batch_size].to(device, non_blocking=True)
-        tgt = targets[start : start + batch_size].to(device, non_blocking=True)
+    for idx, tgt in window_batches(inputs, targets, batch_size):
+        idx, tgt = idx.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
         x = net.gpt.embed(idx)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net.gpt.decode(x)
         ce_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum")
-        logabs, sign = net.transform.log_abs_det_blocks(x.float())
-        terms, mask = safe_log_barrier(logabs, sign, net.prior.barrier_floor)
+        terms, mask = net.embedding_prior(x.shape[-2]).log_det_terms(x.float())
         barrier_sum += terms.sum()
-        margins.append(terms.amin(-1))
+        margins.append(terms[:, 2:].amin(-1) if terms.shape[-1] > 2 else torch.full_like(terms[:, 0], math.nan))
         clamped += mask.sum()
     n_tokens = targets.numel()
     seq_margins = torch.cat(margins)
     net.train(was_training)
     return {
-        "bpc": float(ce_sum) / n_tokens / math.log(2.0),
+        "bpc": nats_to_bits(float(ce_sum) / n_tokens),
         "barrier": float(barrier_sum) / n_tokens,
-        "seq_margin_mean": float(seq_margins.mean()),
-        "seq_margin_min": float(seq_margins.min()),
+        "informative_seq_margin_mean": float(seq_margins.mean()),
+        "informative_seq_margin_min": float(seq_margins.min()),
         "clamped": int(clamped),
     }
+
+
+def sequence_margin_of(record: dict[str, Any], prefix: str = "val_") -> float | None:
+    """The mean sequence margin ``min_{t >= 3} log det J_tt`` of a history record or :func:`evaluate` scores
+    (keys under ``prefix``); ``None`` for a record written before that definition (see :func:`evaluate`)."""
+    return record.get(f"{prefix}informative_seq_margin_mean")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from prob_attention import CausalAttentionTransform, safe_log_barrier
+from prob_attention import CausalAttentionTransform, EmbeddingPrior
 from prob_attention.gpt import GPTConfig, SmallGPT
 
 from .config import PriorConfig, RunConfig
@@ -58,20 +57,25 @@ class MAPNet(nn.Module):
         log_density, clamped = self.prior_terms(x)
         return NetOutput(logits, log_density, clamped)
 
+    def embedding_prior(self, seq_len: int) -> EmbeddingPrior:
+        """The run's prior as a distribution over ``seq_len`` embeddings: this transform, ``sigma`` and the
+        run's barrier floor (so its log-density is the training objective's, safeguard included)."""
+        return EmbeddingPrior(self.transform, seq_len, self.sigma, barrier_floor=self.prior.barrier_floor)
+
     def prior_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position prior log-density and safeguard mask, ``(B, T)`` each, in float32 outside autocast.
 
-        ``density="margin"``: the safeguarded ``log det J_tt``; ``"full"``: plus ``log N(x_t - c_t; 0, sigma^2 I)``.
+        ``density="margin"``: the prior's barrier terms, the (safeguarded) ``log det J_tt``
+        (:meth:`EmbeddingPrior.log_det_terms`); ``"full"``: the whole ``log p(x_t | x_{<t})``, Gaussian
+        residual included (:meth:`EmbeddingPrior.position_terms`).
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            state = self.transform.attend(x)
-            logabs, sign = self.transform.log_abs_det_blocks(x, state)
-            terms, clamped = safe_log_barrier(logabs, sign, self.prior.barrier_floor)
-            if self.prior.density == "full":
-                z = x - state.context  # (B, T, d)
-                terms = terms + dist.Normal(0.0, self.sigma).log_prob(z).sum(-1)
-        return terms, clamped
+            prior = self.embedding_prior(x.shape[-2])
+            if self.prior.density == "margin":
+                return prior.log_det_terms(x)
+            terms = prior.position_terms(x)
+        return terms.log_density, terms.clamped
 
 
 def build_net(config: RunConfig, gpt_config: GPTConfig) -> MAPNet:

@@ -9,6 +9,8 @@ import torch
 from pyro.optim import PyroLRScheduler
 from torch import Tensor
 
+from prob_attention.gpt import decays
+
 from .config import TrainConfig
 from .network import MAPNet
 
@@ -51,11 +53,11 @@ class GlobalClipScheduler(PyroLRScheduler):
 
 
 def make_optimizer(net: MAPNet, config: TrainConfig, total_steps: int) -> GlobalClipScheduler:
-    """AdamW in Pyro's cosine scheduler, weight decay on matrices only (as :func:`configure_param_groups`)."""
-    dims = {f"map.{name}": p.dim() for name, p in net.named_parameters()}
+    """AdamW in Pyro's cosine scheduler, weight decay on matrices only (:func:`~prob_attention.gpt.decays`)."""
+    decayed = {f"map.{name}": decays(p) for name, p in net.named_parameters()}
 
     def optim_args(param_name: str) -> dict[str, Any]:
-        decay = config.weight_decay if dims[param_name] >= 2 else 0.0
+        decay = config.weight_decay if decayed[param_name] else 0.0
         return {"lr": config.lr, "betas": (config.beta1, config.beta2), "weight_decay": decay}
 
     return GlobalClipScheduler(

@@ -22,7 +22,7 @@ from prob_attention.corpus import CharCorpus, CharVocab, eval_windows, load_corp
 from ..checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
 from .config import RunConfig
 from .devices import device_name
-from .evaluation import evaluate
+from .evaluation import evaluate, sequence_margin_of
 from .network import NetOutput, build_net
 from .objective import StepStats, empty_guide, map_model
 from .optimizer import GlobalClipScheduler, TrainingDiverged, make_optimizer
@@ -317,7 +317,7 @@ class MAPTrainer:
 def _format_record(r: dict[str, Any]) -> str:
     line = (f"epoch {r['epoch']:>3}: train bpc {r.get('train_bpc', float('nan')):.4f}  "
             f"val bpc {r.get('val_bpc', float('nan')):.4f}  barrier {r.get('val_barrier', float('nan')):+.4f}  "
-            f"seq margin {r.get('val_seq_margin_mean', float('nan')):+.4f}  clamped {r['train_clamped']}  "
+            f"seq margin (t>=3) {sequence_margin_of(r) or float('nan'):+.4f}  clamped {r['train_clamped']}  "
             f"({r['seconds']:.0f}s)")
     return line + (f"  sigma {r['sigma']:.3f}" if "sigma" in r else "")
 
