@@ -4,7 +4,7 @@ The Pyro model, per batch of ``B`` windows of ``T`` characters::
 
     x = gpt.embed(idx)                                     # (B, T, d), the prior's embeddings
     next_char ~ Categorical(gpt.decode(x))                 # obs, scaled by 1 / (B T): mean CE in nats
-    factor(lambda_m * mean_{b,t} log p_prior(x)_t)         # the embedding prior, per token
+    x ~ EmbeddingPrior(transform, T, sigma)                # obs, scaled by lambda_m / (B T): the prior, per token
 
 and the guide is empty, so ``Trace_ELBO`` is the MAP loss (eq. 19, 27, 34)::
 
@@ -12,9 +12,15 @@ and the guide is empty, so ``Trace_ELBO`` is the MAP loss (eq. 19, 27, 34)::
     L_prior = -(1/T) sum_t log det J_tt                                   ("margin", the paper's variant)
     L_prior = -(1/T) sum_t [log N(x_t - c_t; 0, sigma^2 I) + log det J_tt] ("full", sigma fixed or learned)
 
-``log det J_tt`` goes through :func:`~prob_attention.safe_log_barrier`: where ``det J_tt`` falls to the
-floor or below it (the boundary, or past it where the map folds) the log is continued by its tangent
-line, so no gradient is ever NaN; such positions are counted and reported. With ``lambda_m = 0`` the
+The prior is the run's :class:`~prob_attention.EmbeddingPrior` (:meth:`MAPNet.embedding_prior`), and
+its terms come from :meth:`~prob_attention.EmbeddingPrior.position_terms` (``"full"``) or its barrier
+terms (``"margin"``). They are computed once, inside the network's forward pass (so DDP sees every
+parameter and the epoch's diagnostics reuse them), and enter the model as
+``factor(lambda_m * mean_{b,t} log p(x_t | x_{<t}))``, which is the observed site above (a test checks
+the two against each other). ``log det J_tt`` is safeguarded at the run's ``barrier_floor``
+(:func:`~prob_attention.safe_log_barrier`): where ``det J_tt`` falls to the floor or below it (the
+boundary, or past it where the map folds) the log is continued by its tangent line, so no gradient is
+ever NaN; such positions are counted and reported. With ``lambda_m = 0`` the
 prior is not evaluated at all and an SVI step is, bit for bit, a plain PyTorch step: mean
 cross-entropy, global gradient clipping, AdamW (weight decay on matrices only), cosine schedule.
 
