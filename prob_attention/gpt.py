@@ -62,7 +62,7 @@ class GPTConfig:
     """Sizes of :class:`SmallGPT`.
 
     The paper keeps 4 heads and 2 blocks; its embedding width and context length were lost, so both
-    default to 128 (our choice, see FORMULAS.md, "Experiments").
+    default to 128 (our choice; docs/RESULTS.md lists where we differ from the paper).
 
     Args:
         vocab_size: number of token ids (characters).
