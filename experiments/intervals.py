@@ -1,0 +1,74 @@
+"""Paired bootstrap intervals over training seeds and evaluation windows.
+
+A comparison of two training settings has two sources of chance: the seeds the models were trained with
+and the windows they are scored on. Per-window scores ``(seeds, windows)`` of the two settings are paired
+by seed index (the same seed starts both from the same initialisation) and by window (the same text,
+noise and corruption). Each bootstrap draw resamples seed indices and window indices independently, with
+replacement, applies the same draw to every array, and recomputes the statistic; the interval is the
+percentile interval of the draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["Interval", "paired_bootstrap", "mean_difference", "verdict"]
+
+Statistic = Callable[[Mapping[str, np.ndarray]], float]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate (on the data as observed) and a bootstrap percentile interval."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level}
+
+
+def paired_bootstrap(arrays: Mapping[str, np.ndarray], statistic: Statistic, draws: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> Interval:
+    """The statistic of ``arrays`` (each ``(seeds, windows)``, all the same shape) with its interval.
+
+    Raises ``ValueError`` for arrays of different or empty shapes, or a level outside ``(0, 1)``.
+    """
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or any(a.ndim != 2 for a in arrays.values()):
+        raise ValueError(f"the arrays must share one (seeds, windows) shape, got {sorted(shapes)}")
+    n_seeds, n_windows = shapes.pop()
+    if n_seeds < 1 or n_windows < 1:
+        raise ValueError("need at least one seed and one window")
+    if not 0.0 < level < 1.0 or draws < 1:
+        raise ValueError(f"need 0 < level < 1 and draws >= 1, got level={level}, draws={draws}")
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    for i in range(draws):
+        s = rng.integers(0, n_seeds, n_seeds)
+        w = rng.integers(0, n_windows, n_windows)
+        values[i] = statistic({k: a[np.ix_(s, w)] for k, a in arrays.items()})
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return Interval(float(statistic(arrays)), float(low), float(high), level)
+
+
+def mean_difference(arrays: Mapping[str, np.ndarray]) -> float:
+    """``mean(method) - mean(reference)``: the statistic for a difference in mean BPC."""
+    return float(arrays["method"].mean() - arrays["reference"].mean())
+
+
+def verdict(interval: Interval) -> Literal["better", "worse", "not distinguishable"]:
+    """For a difference in a loss (lower is better): better when the whole interval is below 0, worse when
+    it is above 0, otherwise not distinguishable."""
+    if interval.high < 0.0:
+        return "better"
+    if interval.low > 0.0:
+        return "worse"
+    return "not distinguishable"
