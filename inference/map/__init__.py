@@ -45,7 +45,7 @@ from .devices import device_name, resolve_device
 from .evaluation import evaluate, sequence_margin_of
 from .loading import TrainedModel, load_trained
 from .network import MAPNet, NetOutput, build_net
-from .objective import NextCharacter, StepStats, empty_guide, map_model
+from .objective import NextCharacter, StepStats, empty_guide, jacobian_sq_norm, map_model
 from .optimizer import GlobalClipScheduler, TrainingDiverged, make_optimizer
 from .trainer import CHECKPOINT_DIR, HISTORY_FILE, Data, MAPTrainer
 
@@ -72,6 +72,7 @@ __all__ = [
     "load_trained",
     "make_optimizer",
     "map_model",
+    "jacobian_sq_norm",
     "resolve_device",
     "sequence_margin_of",
     "with_overrides",

@@ -25,6 +25,12 @@ class PriorConfig:
         sigma: the latent noise scale of the full prior (its initial value when ``learn_sigma``).
         learn_sigma: learn ``log sigma`` jointly (``density="full"`` only).
         barrier_floor: the determinant below which the log-barrier is extended linearly.
+        input_norm: evaluate the prior on the layer-normalised embeddings (zero mean, unit RMS per token, no
+            affine: what the GPT's first LayerNorm sees) instead of the raw ones, so that the barrier cannot
+            be raised by growing the embeddings (a scale-free barrier).
+        coupling_norm: hold the Frobenius norm of each head's ``W_k`` (and of ``W_q`` under free coupling) at
+            this value (``None``: free). Under ``coupling="barrier"`` (``A = W_k^T W_k >= 0``) the margin-only
+            loss is otherwise maximised by ``A -> 0``, which switches the barrier off.
     """
 
     n_heads: int = 1
@@ -38,12 +44,16 @@ class PriorConfig:
     sigma: float = 1.0
     learn_sigma: bool = False
     barrier_floor: float = 1e-3
+    input_norm: bool = False
+    coupling_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.density not in ("margin", "full"):
             raise ValueError(f"PriorConfig.density must be 'margin' or 'full', got {self.density!r}")
         if self.sigma <= 0 or self.barrier_floor <= 0:
             raise ValueError("PriorConfig.sigma and barrier_floor must be positive")
+        if self.coupling_norm is not None and not self.coupling_norm > 0:
+            raise ValueError(f"PriorConfig.coupling_norm must be positive, got {self.coupling_norm}")
         if self.learn_sigma and self.density != "full":
             raise ValueError("learn_sigma needs density='full' (the margin-only loss has no sigma)")
 
@@ -66,6 +76,10 @@ class TrainConfig:
         max_eval_windows: cap on the validation/test windows scored (``None``: the whole split).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         amp: bf16 autocast on CUDA (the barrier's determinants stay in float32).
+        embed_noise: standard deviation of Gaussian noise added to the input embeddings that the GPT decodes
+            during training (noise injection, a robustness peer of the barrier; the prior sees clean ones).
+        jacobian_reg: weight ``lambda_J`` of the Jacobian penalty ``lambda_J / 2 * ||d logits / d x||_F^2``
+            per token (Hoffman et al. 2019), estimated with one Gaussian random projection per step.
     """
 
     corpus: str = "bundled"
@@ -86,10 +100,15 @@ class TrainConfig:
     max_eval_windows: int | None = None
     device: str = "auto"
     amp: bool = True
+    embed_noise: float = 0.0
+    jacobian_reg: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lambda_m < 0:
             raise ValueError(f"TrainConfig.lambda_m must be non-negative, got {self.lambda_m}")
+        for name in ("embed_noise", "jacobian_reg"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TrainConfig.{name} must be non-negative, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "train_eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")

@@ -6,23 +6,38 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from prob_attention import CausalAttentionTransform, EmbeddingPrior
 from prob_attention.gpt import GPTConfig, SmallGPT
 
 from .config import PriorConfig, RunConfig
 
-__all__ = ["NetOutput", "MAPNet", "build_net"]
+__all__ = ["NetOutput", "MAPNet", "FixedFrobeniusNorm", "build_net"]
 
 
 class NetOutput(NamedTuple):
     """One forward pass: logits ``(B, T, V)``; the prior's per-token log-density and safeguard mask ``(B, T)``
-    (``None`` when the prior is off)."""
+    (``None`` when the prior is off); the embeddings the GPT decoded ``(B, T, d)`` (noise included)."""
 
     logits: Tensor
     prior_log_density: Tensor | None
     clamped: Tensor | None
+    decoded: Tensor
+
+
+class FixedFrobeniusNorm(nn.Module):
+    """A parametrisation ``W -> c W / ||W||_F`` per head (``W`` of shape ``(H, d_k, d)``): the coupling's
+    scale is held at ``c`` while its direction is learned (``PriorConfig.coupling_norm``)."""
+
+    def __init__(self, norm: float) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.norm * w / w.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
 
 
 class MAPNet(nn.Module):
@@ -34,11 +49,15 @@ class MAPNet(nn.Module):
         prior: the prior's settings.
         use_prior: evaluate the prior in :meth:`forward` (``lambda_m > 0``); otherwise it is carried along
             untouched, so the CE-only run computes exactly the GPT and nothing else.
+        embed_noise: standard deviation of the Gaussian noise added, in training mode only, to the
+            embeddings the GPT decodes (``TrainConfig.embed_noise``); the prior sees the clean ones.
     """
 
-    def __init__(self, gpt: SmallGPT, transform: CausalAttentionTransform, prior: PriorConfig, use_prior: bool) -> None:
+    def __init__(self, gpt: SmallGPT, transform: CausalAttentionTransform, prior: PriorConfig, use_prior: bool,
+                 embed_noise: float = 0.0) -> None:
         super().__init__()
         self.gpt, self.transform, self.prior, self.use_prior = gpt, transform, prior, use_prior
+        self.embed_noise = embed_noise
         self.log_sigma = nn.Parameter(torch.tensor(math.log(prior.sigma))) if prior.learn_sigma else None
 
     @property
@@ -51,11 +70,18 @@ class MAPNet(nn.Module):
     def forward(self, idx: Tensor) -> NetOutput:
         """``idx (B, T)`` -> logits and, with the prior on, its per-token log-density ``(B, T)``."""
         x = self.gpt.embed(idx)  # (B, T, d)
-        logits = self.gpt.decode(x)  # (B, T, V)
+        decoded = x + self.embed_noise * torch.randn_like(x) if self.training and self.embed_noise > 0 else x
+        logits = self.gpt.decode(decoded)  # (B, T, V)
         if not self.use_prior:
-            return NetOutput(logits, None, None)
+            return NetOutput(logits, None, None, decoded)
         log_density, clamped = self.prior_terms(x)
-        return NetOutput(logits, log_density, clamped)
+        return NetOutput(logits, log_density, clamped, decoded)
+
+    def prior_input(self, x: Tensor) -> Tensor:
+        """What the prior models: the embeddings ``x``, or with ``input_norm`` each token's layer-normalised
+        embedding (zero mean, unit RMS over its ``d`` coordinates, no affine; an ``eps`` of ``1e-12``, not the
+        GPT's ``1e-5``, so that the result does not depend on the embeddings' scale)."""
+        return F.layer_norm(x, x.shape[-1:], eps=1e-12) if self.prior.input_norm else x
 
     def embedding_prior(self, seq_len: int) -> EmbeddingPrior:
         """The run's prior as a distribution over ``seq_len`` embeddings: this transform, ``sigma`` and the
@@ -70,7 +96,7 @@ class MAPNet(nn.Module):
         residual included (:meth:`EmbeddingPrior.position_terms`).
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
+            x = self.prior_input(x.float())
             prior = self.embedding_prior(x.shape[-2])
             if self.prior.density == "margin":
                 return prior.log_det_terms(x)
@@ -88,5 +114,9 @@ def build_net(config: RunConfig, gpt_config: GPTConfig) -> MAPNet:
         gpt_config.n_embd, pc.n_heads, pc.head_dim, value_proj=pc.value_proj, output_proj=pc.output_proj,
         include_current=pc.include_current, coupling=pc.coupling, init_scale=pc.init_scale,
     )
-    return MAPNet(gpt, transform, pc, use_prior=config.train.lambda_m > 0)
+    if pc.coupling_norm is not None:
+        for name in ("w_k", "_w_q"):
+            if getattr(transform, name) is not None:
+                parametrize.register_parametrization(transform, name, FixedFrobeniusNorm(pc.coupling_norm))
+    return MAPNet(gpt, transform, pc, use_prior=config.train.lambda_m > 0, embed_noise=config.train.embed_noise)
 

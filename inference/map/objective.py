@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .network import MAPNet, NetOutput
 
-__all__ = ["NextCharacter", "StepStats", "map_model", "empty_guide"]
+__all__ = ["NextCharacter", "StepStats", "map_model", "jacobian_sq_norm", "empty_guide"]
 
 
 class NextCharacter(dist.Categorical):
@@ -64,17 +66,25 @@ class StepStats:
 
 def map_model(
     net: MAPNet, forward: Callable[[Tensor], NetOutput], idx: Tensor, targets: Tensor, lambda_m: float, amp: bool,
-    stats: StepStats | None = None,
+    stats: StepStats | None = None, jacobian_reg: float = 0.0,
 ) -> None:
-    """The Pyro model of the MAP objective (module docstring); ``forward`` is ``net`` or its DDP wrapper."""
+    """The Pyro model of the MAP objective (module docstring); ``forward`` is ``net`` or its DDP wrapper.
+
+    ``jacobian_reg > 0`` adds the factor ``-lambda_J / 2 * ||J||_F^2 / (B T)``, ``J = d logits / d x`` the
+    Jacobian of all logits with respect to the decoded embeddings, through :func:`jacobian_sq_norm`.
+    """
     pyro.module("map", net)
-    with torch.autocast(device_type=idx.device.type, dtype=torch.bfloat16, enabled=amp):
+    # the Jacobian penalty differentiates twice: fused attention kernels have no second derivative
+    kernels = sdpa_kernel(SDPBackend.MATH) if jacobian_reg > 0 else contextlib.nullcontext()
+    with kernels, torch.autocast(device_type=idx.device.type, dtype=torch.bfloat16, enabled=amp):
         out = forward(idx)
     n = targets.numel()
     with pyro.plate("tokens", n), poutine.scale(scale=1.0 / n):
         obs = pyro.sample("next_char", NextCharacter(out.logits.reshape(n, -1)), obs=targets.reshape(n))
     if out.prior_log_density is not None:
         pyro.factor("embedding_prior", lambda_m * out.prior_log_density.mean())
+    if jacobian_reg > 0:
+        pyro.factor("jacobian_penalty", -0.5 * jacobian_reg * jacobian_sq_norm(out.logits, out.decoded) / n)
     if stats is not None:
         with torch.no_grad():
             stats.ce += F.cross_entropy(out.logits.reshape(n, -1).float(), obs)
@@ -82,6 +92,17 @@ def map_model(
                 stats.prior += out.prior_log_density.mean()
                 stats.clamped += out.clamped.sum()
         stats.steps += 1
+
+
+def jacobian_sq_norm(outputs: Tensor, inputs: Tensor) -> Tensor:
+    """An unbiased estimate of ``||d outputs / d inputs||_F^2`` from one Gaussian random projection,
+    ``||J^T v||^2`` with ``v ~ N(0, I)`` over the outputs (Hoffman et al. 2019, "Robust learning with Jacobian
+    regularization", with a Gaussian rather than a spherical projection: ``E[v v^T] = I`` makes it unbiased).
+    Differentiable (the graph of the vector-Jacobian product is kept), so it can be penalised.
+    """
+    v = torch.randn_like(outputs)
+    (jtv,) = torch.autograd.grad((outputs * v).sum(), inputs, create_graph=True)
+    return jtv.float().pow(2).sum()
 
 
 def empty_guide(*args: Any, **kwargs: Any) -> None:

@@ -241,7 +241,8 @@ class MAPTrainer:
         forward = forward or self._forward_fn()
         lambda_m = self.config.train.lambda_m
         return SVI(
-            lambda idx, tgt, stats: map_model(self.net, forward, idx, tgt, lambda_m, self.amp, stats),
+            lambda idx, tgt, stats: map_model(self.net, forward, idx, tgt, lambda_m, self.amp, stats,
+                                              jacobian_reg=self.config.train.jacobian_reg),
             empty_guide, optim, loss=Trace_ELBO(),
         )
 
