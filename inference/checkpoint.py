@@ -1,4 +1,4 @@
-"""Atomic, pickle-free checkpoints: weights in safetensors, config and training state in JSON.
+"""Atomic, verified, pickle-free checkpoints: weights in safetensors, config and training state in JSON.
 
 A checkpoint is a directory::
 
@@ -6,11 +6,18 @@ A checkpoint is a directory::
     config.json         the config the modules were built from
     state.json          epoch, step, metrics history: any JSON-serialisable dict
     optimizer.pt        optional optimiser state dict (torch.save; loaded with weights_only=True)
+    manifest.json       the SHA-256 of every file above, written last
 
 :func:`save_checkpoint` writes everything into a temporary sibling directory, fsyncs it and only
-then swaps it onto the target, so a crash leaves either the previous checkpoint or the new one,
-never a half-written one. :func:`load_checkpoint` checks the config and every tensor name and shape
-before touching a module, and reports differences as :class:`CheckpointMismatchError`.
+then swaps it onto the target (the old checkpoint is renamed aside, the new one renamed in, the old
+one removed). A crash at any point leaves a complete checkpoint: the target, or, killed between the
+two renames, a complete hidden sibling that :func:`load_checkpoint` reads and :func:`recover_checkpoint`
+moves back into place. :func:`load_checkpoint` verifies every file it reads against the manifest, checks
+that the weights are finite, the config and every tensor name and shape before touching a module, and
+names the file at fault. A checkpoint without a manifest (written before manifests existed) loads as
+legacy and unverified; its weights are still checked for finiteness, names and shapes.
+
+:func:`lock_directory` holds an OS lock on a directory while one process owns it (a run directory).
 
 Example:
     >>> import tempfile, torch
@@ -24,31 +31,63 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "read_config", "write_text_atomic"]
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointMismatchError",
+    "DirectoryLockedError",
+    "config_differences",
+    "find_checkpoint",
+    "load_checkpoint",
+    "lock_directory",
+    "read_config",
+    "read_state",
+    "recover_checkpoint",
+    "remove_checkpoint",
+    "require_regular_or_new",
+    "save_checkpoint",
+    "write_text_atomic",
+]
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
-CHECKPOINT_FILES = frozenset({WEIGHTS, CONFIG, STATE, OPTIMIZER})
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = frozenset({WEIGHTS, CONFIG, STATE, OPTIMIZER, MANIFEST})
+MANIFEST_FORMAT = 1
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the given config or modules (differing keys, names or shapes)."""
 
 
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file is unreadable, differs from the hash its manifest records, or holds non-finite weights."""
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another process holds the directory's lock (:func:`lock_directory`)."""
+
+
+# ---------------------------------------------------------------------------------------------- saving
 def save_checkpoint(
     directory: str | os.PathLike[str],
     *,
@@ -99,6 +138,7 @@ def save_checkpoint(
                 torch.save(optimizer_state, f)
                 f.flush()
                 os.fsync(f.fileno())
+        _write_manifest(tmp)
         _fsync(tmp)
         _swap_into_place(tmp, target)
     except BaseException:
@@ -107,51 +147,11 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(
-    directory: str | os.PathLike[str],
-    *,
-    modules: dict[str, nn.Module],
-    config: dict[str, Any] | None = None,
-    map_location: str | torch.device = "cpu",
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load weights into ``modules`` (in place) and return ``(state, optimizer_state)``.
-
-    Every check runs before any module is modified, so a failed load leaves the modules unchanged.
-
-    Args:
-        directory: a directory written by :func:`save_checkpoint`.
-        modules: name -> module, the same names as at save time; every saved tensor must be
-            claimed and every module key present, with equal shapes (strict).
-        config: if given, every key present both here and in ``config.json`` must have the same
-            (JSON-normalised) value.
-        map_location: device for the loaded tensors and the optimiser state.
-
-    Returns:
-        the ``state.json`` dict and the optimiser state dict (``None`` if none was saved).
-
-    Raises:
-        FileNotFoundError: the directory or one of its required files is missing.
-        CheckpointMismatchError: config values, tensor names or tensor shapes differ.
-    """
-    root = _require_dir(directory)
-    saved_config = read_config(root)
-    if config is not None:
-        _check_config(saved_config, config)
-    state = json.loads(_require_file(root / STATE).read_text())
-    tensors = safetensors.torch.load_file(_require_file(root / WEIGHTS), device=str(torch.device(map_location)))
-    per_module = _split_and_check(tensors, modules)
-    for name, module in modules.items():
-        module.load_state_dict(per_module[name], strict=True)
-    optimizer_path = root / OPTIMIZER
-    optimizer_state = None
-    if optimizer_path.is_file():
-        optimizer_state = torch.load(optimizer_path, map_location=map_location, weights_only=True)
-    return state, optimizer_state
-
-
-def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of a checkpoint directory."""
-    return json.loads(_require_file(_require_dir(directory) / CONFIG).read_text())
+def _write_manifest(directory: Path) -> None:
+    """``manifest.json``: the SHA-256 of every file in ``directory``, written (and fsynced) after them all."""
+    hashes = {p.name: _sha256(p.read_bytes()) for p in sorted(directory.iterdir())}
+    manifest = {"format": MANIFEST_FORMAT, "sha256": hashes}
+    _write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def _collect_tensors(modules: dict[str, nn.Module]) -> dict[str, Tensor]:
@@ -172,6 +172,161 @@ def _collect_tensors(modules: dict[str, nn.Module]) -> dict[str, Tensor]:
                 seen.add(ptr)
             tensors[f"{name}.{key}"] = t
     return tensors
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` directory onto ``target``; an old ``target`` is renamed aside, then removed.
+
+    Killed between the two renames, ``target`` is missing and both hidden siblings are complete:
+    :func:`find_checkpoint` then reads the newer one and :func:`recover_checkpoint` moves it into place.
+    """
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)  # put the previous checkpoint back
+        raise
+    _fsync(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place; a leftover is harmless
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    modules: dict[str, nn.Module],
+    config: dict[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
+    optimizer: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load weights into ``modules`` (in place) and return ``(state, optimizer_state)``.
+
+    Every check runs before any module is modified, so a failed load leaves the modules unchanged.
+    When ``directory`` is missing because a save was interrupted, the complete copy it left is read
+    (:func:`find_checkpoint`).
+
+    Args:
+        directory: a directory written by :func:`save_checkpoint`.
+        modules: name -> module, the same names as at save time; every saved tensor must be
+            claimed and every module key present, with equal shapes (strict).
+        config: if given, it must equal ``config.json`` (after JSON normalisation), key for key.
+        map_location: device for the optimiser state.
+        optimizer: read the optimiser state; ``False`` never opens ``optimizer.pt`` (evaluation, inference).
+
+    Returns:
+        the ``state.json`` dict and the optimiser state dict (``None`` if none was saved or asked for).
+
+    Raises:
+        FileNotFoundError: the directory or one of its required files is missing.
+        CheckpointCorruptError: a file differs from its manifest hash, cannot be parsed, or the weights
+            hold NaN or inf.
+        CheckpointMismatchError: config values, tensor names or tensor shapes differ.
+    """
+    files = _VerifiedFiles(_existing(directory))
+    if config is not None:
+        _check_config(files.json(CONFIG), config, files.path(CONFIG))
+    state = files.json(STATE)
+    per_module = _split_and_check(files.weights(), modules)
+    optimizer_state = files.optimizer_state(map_location) if optimizer else None
+    for name, module in modules.items():
+        module.load_state_dict(per_module[name], strict=True)
+    return state, optimizer_state
+
+
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory (verified against its manifest)."""
+    return _VerifiedFiles(_existing(directory)).json(CONFIG)
+
+
+def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint directory (verified against its manifest)."""
+    return _VerifiedFiles(_existing(directory)).json(STATE)
+
+
+def find_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """Where the checkpoint of ``directory`` can be read: ``directory`` itself, or, when a save was killed
+    between its two renames, the newest complete hidden copy beside it; ``None`` when there is neither."""
+    target = Path(directory)
+    if target.is_dir():
+        return target
+    complete = [copy for copy in _hidden_copies(target) if _is_complete(copy)]
+    return max(complete, key=_recency) if complete else None
+
+
+class _VerifiedFiles:
+    """A checkpoint directory's files, each read once and checked against the manifest (when there is one)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.hashes = self._manifest()
+
+    def _manifest(self) -> dict[str, str] | None:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return None  # legacy: written before manifests existed, unverified
+        manifest = _parse_json(path, path.read_bytes())
+        hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
+        if not isinstance(hashes, dict):
+            raise CheckpointCorruptError(f"{path}: not a checkpoint manifest (no 'sha256' table)")
+        return hashes
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        return name in self.hashes if self.hashes is not None else self.path(name).is_file()
+
+    def read(self, name: str) -> bytes:
+        """The bytes of ``name``, after checking them against the manifest."""
+        path = _require_file(self.path(name))
+        data = path.read_bytes()
+        if self.hashes is not None:
+            if name not in self.hashes:
+                raise CheckpointCorruptError(f"{path}: not listed in {MANIFEST}, so not written with this checkpoint")
+            if _sha256(data) != self.hashes[name]:
+                raise CheckpointCorruptError(f"{path}: its SHA-256 differs from {MANIFEST} (the file was changed or "
+                                             "damaged)")
+        return data
+
+    def json(self, name: str) -> Any:
+        return _parse_json(self.path(name), self.read(name))
+
+    def weights(self) -> dict[str, Tensor]:
+        """The saved tensors (on the CPU), every floating tensor checked for finiteness."""
+        path = self.path(WEIGHTS)
+        try:
+            tensors = safetensors.torch.load(self.read(WEIGHTS))
+        except safetensors.SafetensorError as err:
+            raise CheckpointCorruptError(f"{path}: not a readable safetensors file ({err})") from err
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointCorruptError(f"{path}: non-finite weights (NaN or inf) in {sorted(bad)}")
+        return tensors
+
+    def optimizer_state(self, map_location: str | torch.device) -> dict[str, Any] | None:
+        """The optimiser state dict, unpickled with ``weights_only=True`` (no code runs); ``None`` if none was saved."""
+        if not self.has(OPTIMIZER):
+            return None
+        path = self.path(OPTIMIZER)
+        data = self.read(OPTIMIZER)
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as err:  # torch.load raises many types for a damaged or hostile file
+            problem = f"{type(err).__name__}: {err}"
+            raise CheckpointCorruptError(f"{path}: not a loadable optimiser state ({problem})") from err
+
+
+def _parse_json(path: Path, data: bytes) -> Any:
+    """``data`` as JSON; :class:`CheckpointCorruptError` naming ``path`` if it is not."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointCorruptError(f"{path}: not valid JSON ({err})") from err
 
 
 def _split_and_check(tensors: dict[str, Tensor], modules: dict[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
@@ -208,36 +363,136 @@ def _split_and_check(tensors: dict[str, Tensor], modules: dict[str, nn.Module]) 
     return per_module
 
 
-def _check_config(saved: dict[str, Any], given: dict[str, Any]) -> None:
-    """Raise :class:`CheckpointMismatchError` naming each shared key whose JSON-normalised values differ."""
-    given = json.loads(json.dumps(given))
-    shared = sorted(saved.keys() & given.keys())
-    diffs = [f"{k}: saved {saved[k]!r}, given {given[k]!r}" for k in shared if saved[k] != given[k]]
+def _check_config(saved: Any, given: dict[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointMismatchError` listing :func:`config_differences` when there are any."""
+    if not isinstance(saved, dict):
+        raise CheckpointCorruptError(f"{path}: a config must be a JSON object, got {type(saved).__name__}")
+    diffs = config_differences(saved, given)
     if diffs:
-        raise CheckpointMismatchError("checkpoint config differs: " + "; ".join(diffs))
+        raise CheckpointMismatchError(f"checkpoint config {path} differs: " + "; ".join(diffs))
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` directory onto ``target``; an old ``target`` is renamed aside, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-        os.replace(target, old)
+def config_differences(saved: dict[str, Any], given: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key (nested keys dotted, ``run.train.lambda_m``) whose JSON-normalised values differ or that one
+    side lacks, as ``"key: saved X, given Y"``."""
+    given = json.loads(json.dumps(given))
+    diffs = []
+    for key in sorted(saved.keys() | given.keys()):
+        was, now = saved.get(key, _MISSING), given.get(key, _MISSING)
+        if isinstance(was, dict) and isinstance(now, dict):
+            diffs += config_differences(was, now, f"{prefix}{key}.")
+        elif was != now:
+            diffs.append(f"{prefix}{key}: saved {_shown(was)}, given {_shown(now)}")
+    return diffs
+
+
+_MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    return "(missing)" if value is _MISSING else repr(value)
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+def recover_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """Finish an interrupted save: move the newest complete hidden copy into place when ``directory`` is
+    missing, then remove every other hidden copy. Call it while holding the lock of the folder above.
+
+    Returns:
+        the copy moved into place, or ``None`` when ``directory`` needed no recovery.
+    """
+    target = Path(directory)
+    restored = None if target.exists() else find_checkpoint(target)
+    if restored is not None:
+        os.replace(restored, target)
+        _fsync(target.parent)
+    for copy in _hidden_copies(target):
+        shutil.rmtree(copy, ignore_errors=True)
+    return restored
+
+
+def remove_checkpoint(directory: str | os.PathLike[str]) -> None:
+    """Delete the checkpoint ``directory`` and every hidden copy an interrupted save left beside it."""
+    target = Path(directory)
+    for path in [target, *_hidden_copies(target)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+def _hidden_copies(target: Path) -> list[Path]:
+    """The temporary (``.name.tmp-*``) and set-aside (``.name.old-*``) directories saves leave beside ``target``."""
+    if not target.parent.is_dir():
+        return []
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefixes) and p.is_dir())
+
+
+def _is_complete(directory: Path) -> bool:
+    """Whether ``directory`` has a manifest (written last) and every file it lists, with the listed hashes."""
     try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)  # put the previous checkpoint back
-        raise
-    _fsync(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place; a leftover is harmless
+        files = _VerifiedFiles(directory)
+        if files.hashes is None or not {WEIGHTS, CONFIG, STATE} <= files.hashes.keys() <= CHECKPOINT_FILES:
+            return False
+        for name in files.hashes:
+            files.read(name)
+    except (OSError, CheckpointCorruptError):
+        return False
+    return True
+
+
+def _recency(directory: Path) -> tuple[bool, int]:
+    """Sort key of complete copies: a finished temporary directory (the newer checkpoint) before a set-aside one,
+    then by the manifest's modification time."""
+    return ".tmp-" in directory.name, (directory / MANIFEST).stat().st_mtime_ns
+
+
+# ---------------------------------------------------------------------------------------------- locking
+@contextmanager
+def lock_directory(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive OS lock (``flock``) on ``directory``, created if missing, for the ``with`` block.
+
+    The lock is on the directory itself (no lock file is left behind) and the kernel releases it when the
+    process exits, however it exits. POSIX only.
+
+    Raises:
+        DirectoryLockedError: another process holds it.
+    """
+    import fcntl
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise DirectoryLockedError(
+                f"{path} is in use by another process (it holds the directory's lock); wait for it to "
+                "finish or choose another directory") from err
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+# ---------------------------------------------------------------------------------------------- files
+def require_regular_or_new(path: str | os.PathLike[str]) -> Path:
+    """``path`` if it is a regular file or does not exist; ``FileExistsError`` for anything else (a device,
+    a directory, a pipe, a symbolic link), which is never read or replaced."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        raise FileExistsError(f"{path} exists and is not a regular file; refusing to read or replace it")
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a fsynced temporary sibling and a rename, creating the folder:
-    a reader (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
+    a reader (or a crash) sees the old file or the new one, never half of one. ``path`` must be a regular
+    file or new (:func:`require_regular_or_new`)."""
+    path = require_regular_or_new(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -256,6 +511,10 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _fsync(path: Path) -> None:
     """Flush a written file, or a directory's entries (POSIX only), to disk."""
     if path.is_dir() and os.name != "posix":
@@ -267,12 +526,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _require_dir(directory: str | os.PathLike[str]) -> Path:
-    """``directory`` as a Path; ``FileNotFoundError`` naming it if it is not a directory."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {root}")
-    return root
+def _existing(directory: str | os.PathLike[str]) -> Path:
+    """The directory to read the checkpoint ``directory`` from (:func:`find_checkpoint`); ``FileNotFoundError``
+    naming it when there is none."""
+    found = find_checkpoint(directory)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint directory not found: {Path(directory)}")
+    return found
 
 
 def _require_file(path: Path) -> Path:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 
 from experiments.cli import main as cli_main
-from inference.checkpoint import CheckpointMismatchError
+from inference.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 from inference.map import (
     MAPTrainer,
     RunConfig,
@@ -146,6 +146,9 @@ def test_checkpoint_round_trip_and_mismatch(corpus: CharCorpus, tmp_path: Path) 
     saved = json.loads(config_path.read_text())
     saved["gpt_config"]["n_embd"] = 48
     config_path.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointCorruptError, match="config.json: its SHA-256 differs"):
+        load_trained(tmp_path)
+    (tmp_path / "checkpoint" / "manifest.json").unlink()  # legacy, unverified: the weights must still fit the config
     with pytest.raises(CheckpointMismatchError, match="shape"):
         load_trained(tmp_path)
 
