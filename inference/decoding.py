@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .map.config import check_bool, check_choice, check_number
 from .posterior import PredictiveSignals, SVIConfig, fit_svi, samples_signals
 from .smc import TrajectorySMC
 from .trajectory import TrajectoryModel
@@ -47,10 +48,12 @@ class DecodeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("smc", "svi"):
-            raise ValueError(f"method must be 'smc' or 'svi', got {self.method!r}")
-        if self.particles < 1:
-            raise ValueError(f"particles must be positive, got {self.particles}")
+        owner = "DecodeConfig"
+        check_choice(owner, "method", self.method, ("smc", "svi"))
+        check_number(owner, "particles", self.particles, low=1, integer=True)
+        check_bool(owner, "greedy", self.greedy)
+        check_number(owner, "ess_threshold", self.ess_threshold, low=0, high=1)
+        check_number(owner, "seed", self.seed, low=0, integer=True)
 
 
 @dataclass(frozen=True)

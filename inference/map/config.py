@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+import torch
+
 from prob_attention.gpt import GPTConfig
 
-__all__ = ["PriorConfig", "TrainConfig", "RunConfig", "PRESETS", "with_overrides"]
+__all__ = ["PRESETS", "PriorConfig", "RunConfig", "TrainConfig", "check_bool", "check_choice", "check_number",
+           "number_problem", "with_overrides"]
+
+
+def number_problem(value: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+                   high_open: bool = False, integer: bool = False) -> str | None:
+    """What is wrong with ``value`` as a finite number (an int when ``integer``) between ``low`` and ``high``
+    (each end closed unless ``*_open``; ``None``: unbounded), e.g. ``"must lie in [1, inf)"``; ``None`` if nothing."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        return f"must be a finite {'integer' if integer else 'number'}"
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if not (below or above):
+        return None
+    return (f"must lie in {'(' if low_open or low is None else '['}{'-inf' if low is None else f'{low:g}'}, "
+            f"{'inf' if high is None else f'{high:g}'}{')' if high_open or high is None else ']'}")
+
+
+def check_number(owner: str, name: str, value: Any, **bounds: Any) -> None:
+    """Raise ``ValueError`` naming ``owner.name`` when :func:`number_problem` finds one (``bounds``: its keywords)."""
+    problem = number_problem(value, **bounds)
+    if problem is not None:
+        raise ValueError(f"{owner}.{name} {problem}, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise ``ValueError`` naming ``owner.name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``owner.name`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -48,12 +86,20 @@ class PriorConfig:
     coupling_norm: float | None = None
 
     def __post_init__(self) -> None:
-        if self.density not in ("margin", "full"):
-            raise ValueError(f"PriorConfig.density must be 'margin' or 'full', got {self.density!r}")
-        if self.sigma <= 0 or self.barrier_floor <= 0:
-            raise ValueError("PriorConfig.sigma and barrier_floor must be positive")
-        if self.coupling_norm is not None and not self.coupling_norm > 0:
-            raise ValueError(f"PriorConfig.coupling_norm must be positive, got {self.coupling_norm}")
+        owner = "PriorConfig"
+        check_number(owner, "n_heads", self.n_heads, low=1, integer=True)
+        check_number(owner, "head_dim", self.head_dim, low=1, integer=True)
+        check_choice(owner, "coupling", self.coupling, ("free", "repulsive", "barrier"))
+        check_choice(owner, "density", self.density, ("margin", "full"))
+        for name in ("value_proj", "output_proj", "include_current", "learn_sigma"):
+            check_bool(owner, name, getattr(self, name))
+        if self.init_scale is not None:
+            check_number(owner, "init_scale", self.init_scale, low=0, low_open=True)
+        check_number(owner, "sigma", self.sigma, low=0, low_open=True)
+        check_number(owner, "barrier_floor", self.barrier_floor, low=0, low_open=True)
+        check_bool(owner, "input_norm", self.input_norm)
+        if self.coupling_norm is not None:
+            check_number(owner, "coupling_norm", self.coupling_norm, low=0, low_open=True)
         if self.learn_sigma and self.density != "full":
             raise ValueError("learn_sigma needs density='full' (the margin-only loss has no sigma)")
 
@@ -104,18 +150,33 @@ class TrainConfig:
     jacobian_reg: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.lambda_m < 0:
-            raise ValueError(f"TrainConfig.lambda_m must be non-negative, got {self.lambda_m}")
-        for name in ("embed_noise", "jacobian_reg"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"TrainConfig.{name} must be non-negative, got {getattr(self, name)}")
+        owner = "TrainConfig"
+        if not isinstance(self.corpus, str) or not self.corpus:
+            raise ValueError(f"TrainConfig.corpus must name a corpus, got {self.corpus!r}")
+        check_choice(owner, "on_unknown", self.on_unknown, ("unk", "error"))
+        for name in ("corpus_seed", "seed"):
+            check_number(owner, name, getattr(self, name), low=0, integer=True)
         for name in ("epochs", "batch_size", "train_eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"TrainConfig.steps_per_epoch must be positive, got {self.steps_per_epoch}")
-        if self.grad_clip <= 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("TrainConfig needs grad_clip > 0, lr > 0 and 0 <= min_lr_ratio <= 1")
+            check_number(owner, name, getattr(self, name), low=1, integer=True)
+        for name in ("steps_per_epoch", "max_eval_windows"):
+            if getattr(self, name) is not None:
+                check_number(owner, name, getattr(self, name), low=1, integer=True)
+        for name in ("lr", "grad_clip"):
+            check_number(owner, name, getattr(self, name), low=0, low_open=True)
+        check_number(owner, "min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_number(owner, "weight_decay", self.weight_decay, low=0)
+        for name in ("beta1", "beta2"):
+            check_number(owner, name, getattr(self, name), low=0, high=1, high_open=True)
+        check_number(owner, "lambda_m", self.lambda_m, low=0)
+        check_number(owner, "embed_noise", self.embed_noise, low=0)
+        check_number(owner, "jacobian_reg", self.jacobian_reg, low=0)
+        check_bool(owner, "amp", self.amp)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"TrainConfig.device must be 'auto' or a torch device such as 'cpu' or 'cuda', "
+                                 f"got {self.device!r}") from err
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -146,7 +207,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if "vocab_size" in self.gpt:
             raise ValueError("RunConfig.gpt must not set vocab_size: it is the corpus vocabulary's size")
-        GPTConfig(vocab_size=1, **self.gpt)  # validates the fields early
+        unknown = set(self.gpt) - set(GPTConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"RunConfig.gpt has unknown fields {sorted(unknown)}")
+        if "dropout" in self.gpt:
+            check_number("GPTConfig", "dropout", self.gpt["dropout"], low=0, high=1, high_open=True)
+        GPTConfig(vocab_size=1, **self.gpt)  # validates the other fields early
 
     @classmethod
     def preset(cls, name: str, **overrides: dict[str, Any]) -> RunConfig:
