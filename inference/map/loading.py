@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from prob_attention import CausalAttentionTransform
 from prob_attention.corpus import CharVocab
 from prob_attention.gpt import GPTConfig, SmallGPT
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CheckpointCorruptError, CheckpointMismatchError, find_checkpoint, load_checkpoint, read_config
 from .config import RunConfig
 from .network import MAPNet, build_net
 from .trainer import CHECKPOINT_DIR
@@ -43,20 +42,34 @@ class TrainedModel:
 
 
 def load_trained(run_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> TrainedModel:
-    """Load the checkpoint of a run directory (weights from safetensors; no code is unpickled).
+    """Load the checkpoint of a run directory for evaluation or inference: weights from safetensors, verified
+    against the checkpoint's manifest (a legacy checkpoint without one loads unverified) and checked for
+    finiteness; the optimiser state is never read.
 
     Raises:
         FileNotFoundError: no checkpoint in ``run_dir``.
+        CheckpointCorruptError: a file differs from its manifest hash, cannot be parsed, or holds NaN/inf weights.
         CheckpointMismatchError: the weights do not fit the saved config.
     """
-    ckpt = Path(run_dir) / CHECKPOINT_DIR
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {ckpt})")
-    saved = json.loads((ckpt / "config.json").read_text())
-    config = RunConfig.from_dict(saved["run"])
-    gpt_config = GPTConfig.from_dict(saved["gpt_config"])
+    ckpt = find_checkpoint(Path(run_dir) / CHECKPOINT_DIR)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {Path(run_dir) / CHECKPOINT_DIR})")
+    saved = read_config(ckpt)
+    config, gpt_config, vocab, corpus = _parse_config(saved, ckpt / "config.json")
     net = build_net(config, gpt_config)
-    state, _ = load_checkpoint(ckpt, modules={"net": net}, config=saved, map_location=map_location)
+    state, _ = load_checkpoint(ckpt, modules={"net": net}, config=saved, optimizer=False)
+    history = state.get("history") if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise CheckpointCorruptError(f"{ckpt / 'state.json'}: no training history")
     net.to(map_location).eval()
-    return TrainedModel(net, CharVocab.from_dict(saved["vocab"]), config, gpt_config, saved["corpus"],
-                        list(state["history"]))
+    return TrainedModel(net, vocab, config, gpt_config, corpus, history)
+
+
+def _parse_config(saved: Any, path: Path) -> tuple[RunConfig, GPTConfig, CharVocab, str]:
+    """The run config, GPT config, vocabulary and corpus name of a checkpoint's ``config.json``; a readable
+    error naming ``path`` when it is not a trained run's config."""
+    try:
+        return (RunConfig.from_dict(saved["run"]), GPTConfig.from_dict(saved["gpt_config"]),
+                CharVocab.from_dict(saved["vocab"]), str(saved["corpus"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointMismatchError(f"{path}: not the config of a trained run ({type(err).__name__}: {err})") from err

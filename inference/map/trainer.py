@@ -1,4 +1,11 @@
-"""One MAP run: data, seeding, the SVI loop, per-epoch evaluation, checkpoints and resume."""
+"""One MAP run: data, seeding, the SVI loop, per-epoch evaluation, checkpoints and resume.
+
+A run directory is owned by one process at a time (an OS lock held while :meth:`MAPTrainer.fit` runs)
+and is never overwritten unless asked: a directory that already holds a run is continued with
+``resume=True`` or replaced with ``overwrite=True``, and refused otherwise. Every check (the run's
+configs, the checkpoint's files and hashes, its optimiser state) runs before anything is written, so
+a refused run leaves the directory as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,20 @@ from tqdm.auto import tqdm
 
 from prob_attention.corpus import CharCorpus, CharVocab, eval_windows, load_corpus, random_windows
 
-from ..checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from ..checkpoint import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    config_differences,
+    find_checkpoint,
+    load_checkpoint,
+    lock_directory,
+    read_config,
+    read_state,
+    recover_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
 from .config import RunConfig
 from .devices import device_name
 from .evaluation import evaluate, sequence_margin_of
@@ -27,10 +48,28 @@ from .network import NetOutput, build_net
 from .objective import StepStats, empty_guide, map_model
 from .optimizer import GlobalClipScheduler, TrainingDiverged, make_optimizer
 
-__all__ = ["CHECKPOINT_DIR", "HISTORY_FILE", "Data", "MAPTrainer"]
+__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "CURVES_FILE", "HISTORY_FILE", "Data", "IncompleteCheckpointError",
+           "MAPTrainer", "RunExistsError"]
 
 CHECKPOINT_DIR = "checkpoint"
+CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
+CURVES_FILE = "curves.png"
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, CURVES_FILE)
+"""What a run writes beside its checkpoint (``curves.png`` by the ``train`` command)."""
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already holds a run, and neither resuming nor overwriting it was asked for."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """The checkpoint to resume from lacks the optimiser state, and a fresh optimiser was not asked for."""
+
+
+class _NonFiniteForward(Exception):
+    """The forward pass gave NaN or inf (raised inside the Pyro model; not a ``ValueError`` or ``RuntimeError``,
+    which Pyro's tracing re-raises with its whole trace appended)."""
 
 
 @dataclass
@@ -101,6 +140,8 @@ class MAPTrainer:
             self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(f"cuda:{local_rank}" if tc.device == "cuda" else tc.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {tc.device!r} asked for, but no CUDA device is available (use --device cpu)")
         self.amp = tc.amp and self.device.type == "cuda"
         corpus = corpus if corpus is not None else load_corpus(tc.corpus, seed=tc.corpus_seed)
         self.data = Data.from_corpus(corpus, tc.on_unknown)
@@ -159,44 +200,149 @@ class MAPTrainer:
         write_text_atomic(self.run_dir / HISTORY_FILE,
                           json.dumps({"config": self.full_config(), "history": self.history}, indent=2, sort_keys=True))
 
-    def _resume(self, optim: GlobalClipScheduler) -> bool:
-        ckpt = self._checkpoint_dir()
-        if ckpt is None or not ckpt.exists():
+    # ------------------------------------------------------------------ the run directory
+    def _owning(self) -> AbstractContextManager[object]:
+        """The run directory's lock, held by rank 0 (the only writer) while the run goes on."""
+        return lock_directory(self.run_dir) if self.run_dir is not None and self.rank == 0 else nullcontext()
+
+    def holds_run(self) -> bool:
+        """Whether the run directory already holds (part of) a run: its config, history, curves or checkpoint."""
+        if self.run_dir is None:
             return False
-        state, optim_state = load_checkpoint(ckpt, modules={"net": self.net}, config=self.full_config(),
-                                             map_location=self.device)
-        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        files = any((self.run_dir / name).exists() for name in RUN_FILES)
+        return files or find_checkpoint(self._checkpoint_dir()) is not None
+
+    def _start(self, optim: GlobalClipScheduler, resume: bool, overwrite: bool, fresh_optimizer: bool) -> bool:
+        """Check the run directory against the request, then claim it; returns whether a checkpoint was resumed.
+
+        Everything that can refuse the run (an existing run without ``resume`` or ``overwrite``, a differing
+        config, a damaged or incomplete checkpoint) runs before the first write.
+        """
+        if self.run_dir is None:
+            return False
+        if resume:
+            resumed = self._resume(optim, fresh_optimizer)
+        elif self.rank == 0 and self.holds_run() and not overwrite:  # rank 0 alone decides: it writes first
+            raise RunExistsError(
+                f"{self.run_dir} already holds a run{self._progress_note()}; continue it with --resume "
+                "(resume=True) or replace it with --overwrite (overwrite=True)")
+        else:
+            resumed = False
+            if self.rank == 0 and overwrite:
+                self._remove_run()
+        if self.rank == 0:
+            recover_checkpoint(self._checkpoint_dir())  # a resumed copy goes back in place; leftovers go
+            if not (self.run_dir / CONFIG_FILE).exists():
+                write_text_atomic(self.run_dir / CONFIG_FILE, json.dumps(self.full_config(), indent=2, sort_keys=True))
+        return resumed
+
+    def _progress_note(self) -> str:
+        """`` (checkpoint at epoch 3 of 20)`` for a refusal message, or ``""`` when no checkpoint is readable."""
+        try:
+            epoch = read_state(self._checkpoint_dir())["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+        return f" (checkpoint at epoch {epoch} of {self.config.train.epochs})"
+
+    def _remove_run(self) -> None:
+        """Delete what a previous run wrote here (its files and checkpoint; nothing else in the directory)."""
+        for name in (HISTORY_FILE, CURVES_FILE):
+            (self.run_dir / name).unlink(missing_ok=True)
+        remove_checkpoint(self._checkpoint_dir())
+        (self.run_dir / CONFIG_FILE).unlink(missing_ok=True)
+
+    def _check_run_config(self) -> None:
+        """The run directory's ``config.json``, where there is one, must be this run's config."""
+        path = self.run_dir / CONFIG_FILE
+        if not path.exists():
+            return
+        try:
+            saved = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointCorruptError(f"{path}: not valid JSON ({err})") from err
+        self._check_saved_config(saved, path)
+
+    def _check_saved_config(self, saved: Any, path: Path) -> None:
+        """``saved`` (read from ``path``) must be this run's config, key for key; a config field added since it
+        was written counts with its default value (the default keeps the old behaviour)."""
+        try:
+            complete = {**saved, "run": RunConfig.from_dict(saved["run"]).to_dict()}
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointMismatchError(f"{path}: not the config of a training run ({type(err).__name__}: {err})"
+                                          ) from err
+        diffs = config_differences(complete, self.full_config())
+        if diffs:
+            raise CheckpointMismatchError(f"{path} is another run's config (" + "; ".join(diffs) + "): resume with "
+                                          "that run's settings or choose another run directory")
+
+    def _resume(self, optim: GlobalClipScheduler, fresh_optimizer: bool) -> bool:
+        """Load the checkpoint (weights, history, optimiser state) into this run; ``False`` when there is none."""
+        self._check_run_config()
+        ckpt = find_checkpoint(self._checkpoint_dir())
+        if ckpt is None:
+            return False
+        self._check_saved_config(read_config(ckpt), ckpt / "config.json")
+        state, optim_state = load_checkpoint(ckpt, modules={"net": self.net}, map_location=self.device,
+                                             optimizer=not fresh_optimizer)
+        try:
+            self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointCorruptError(f"{ckpt / 'state.json'}: no epoch and history ({err!r})") from err
         if optim_state is not None:
             optim.set_state(optim_state)
+        elif not fresh_optimizer and self.epoch < self.config.train.epochs:
+            raise IncompleteCheckpointError(
+                f"{ckpt} has no optimiser state (optimizer.pt): resuming would restart AdamW and its learning-rate "
+                "schedule at the peak; pass --fresh-optimizer (fresh_optimizer=True) to continue with a new optimiser")
         return True
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
-        """Train for the configured epochs (continuing from the checkpoint with ``resume``); returns the history.
+    def fit(self, resume: bool = False, overwrite: bool = False, fresh_optimizer: bool = False) -> list[dict[str, Any]]:
+        """Train for the configured epochs; returns the history.
 
         Each epoch ends with an evaluation (train BPC on fixed random windows, validation BPC and prior
         diagnostics) and an atomic checkpoint. The test split is scored once, after the last epoch.
 
+        Args:
+            resume: continue from the run directory's checkpoint (a new run when there is none).
+            overwrite: replace a run the directory already holds.
+            fresh_optimizer: resume with a new optimiser and schedule instead of the saved ones (needed when
+                the checkpoint has no optimiser state).
+
         Raises:
-            TrainingDiverged: the loss or gradient norm became non-finite; the last checkpoint is kept.
+            RunExistsError: the directory holds a run and neither ``resume`` nor ``overwrite`` was given.
+            DirectoryLockedError: another process owns the run directory.
+            CheckpointMismatchError, CheckpointCorruptError, IncompleteCheckpointError: the checkpoint cannot
+                be resumed (nothing was written).
+            TrainingDiverged: the loss, the logits or the gradient norm became non-finite; the last good
+                checkpoint is kept.
         """
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
         tc = self.config.train
         pyro.clear_param_store()
-        total = self.total_steps
         optim = self.make_optimizer()
-        if self.run_dir is not None and self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.json", json.dumps(self.full_config(), indent=2, sort_keys=True))
-        resumed = resume and self._resume(optim)
-        if resume and self.verbose:
-            self.log(f"resumed from {self._checkpoint_dir()}: {self.epoch} of {tc.epochs} epochs done" if resumed
-                     else "no checkpoint to resume from: starting a new run")
-        if self.verbose:
-            self.log(self.describe())
-        svi = self.make_svi(optim)
         train_eval = self._train_eval_windows()
         val = self._limit(eval_windows(self.data.val, self.block))
-        bar = tqdm(total=total, initial=self.epoch * self.steps_per_epoch, disable=not self.progress,
+        test = self._limit(eval_windows(self.data.test, self.block))
+        with self._owning():
+            resumed = self._start(optim, resume, overwrite, fresh_optimizer)
+            if resume and self.verbose:
+                self.log(f"resumed from {self._checkpoint_dir()}: {self.epoch} of {tc.epochs} epochs done" if resumed
+                         else "no checkpoint to resume from: starting a new run")
+                if resumed and fresh_optimizer:
+                    self.log("fresh optimiser: AdamW and the learning-rate schedule start again from step 0")
+            if self.verbose:
+                self.log(self.describe())
+            self._train(optim, train_eval, val, test)
+        return self.history
+
+    def _train(self, optim: GlobalClipScheduler, train_eval: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
+               test: tuple[Tensor, Tensor]) -> None:
+        """The remaining epochs, each evaluated and checkpointed, then the test split once."""
+        tc = self.config.train
+        svi = self.make_svi(optim)
+        bar = tqdm(total=self.total_steps, initial=self.epoch * self.steps_per_epoch, disable=not self.progress,
                    desc="train", unit="step", dynamic_ncols=True)
         try:
             while self.epoch < tc.epochs:
@@ -209,7 +355,6 @@ class MAPTrainer:
                 if self.verbose:
                     self.log(_format_record(record))
             if self.rank == 0 and (not self.history or "test_bpc" not in self.history[-1]):
-                test = self._limit(eval_windows(self.data.test, self.block))
                 scores = evaluate(self.net, *test, tc.batch_size, self.amp)
                 self.history[-1].update({f"test_{k}": v for k, v in scores.items()})
                 self._save(optim)
@@ -217,7 +362,6 @@ class MAPTrainer:
                     self.log(f"test: bpc {scores['bpc']:.4f}  barrier {scores['barrier']:.4f}")
         finally:
             bar.close()
-        return self.history
 
     @property
     def total_steps(self) -> int:
@@ -237,8 +381,9 @@ class MAPTrainer:
 
     def make_svi(self, optim: GlobalClipScheduler, forward: Callable[[Tensor], NetOutput] | None = None) -> SVI:
         """The MAP objective of this run as Pyro SVI; ``forward`` replaces the network's forward pass (e.g. a
-        ``torch.compile``d one; default: the network, wrapped in DDP when distributed)."""
-        forward = forward or self._forward_fn()
+        ``torch.compile``d one; default: the network, wrapped in DDP when distributed). Its output is checked
+        for NaN and inf before Pyro sees it."""
+        forward = _finite(forward or self._forward_fn())
         lambda_m = self.config.train.lambda_m
         return SVI(
             lambda idx, tgt, stats: map_model(self.net, forward, idx, tgt, lambda_m, self.amp, stats,
@@ -250,16 +395,29 @@ class MAPTrainer:
         """One optimiser step on a batch on the device, then one step of the cosine schedule; returns the loss.
 
         Raises:
-            TrainingDiverged: the loss is not finite (non-finite gradients raise from the clipping).
+            TrainingDiverged: the forward pass (logits, prior density), the loss or the gradient norm is not
+                finite; no parameter was updated by this step unless only the loss was.
         """
-        loss = svi.step(idx, tgt, stats)
+        try:
+            loss = svi.step(idx, tgt, stats)
+        except _NonFiniteForward as err:
+            raise TrainingDiverged(self._diverged(str(err))) from None
+        except TrainingDiverged as err:  # from the gradient clipping
+            raise TrainingDiverged(self._diverged(str(err))) from err
         if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss {loss} at epoch {self.epoch + 1}, step {stats.steps}: stopping; the last good "
-                f"checkpoint (epoch {self.epoch}) is kept" + ("" if self.run_dir else " (no run_dir: nothing saved)")
-            )
+            raise TrainingDiverged(self._diverged(f"loss {loss}"))
         optim.step()  # the cosine schedule, per step
         return loss
+
+    def _diverged(self, what: str) -> str:
+        """The message of a stop: what went non-finite, where, and which checkpoint is left."""
+        if self.run_dir is None:
+            kept = "no run_dir: nothing saved"
+        elif self.epoch == 0:
+            kept = "no epoch finished, so no checkpoint was written"
+        else:
+            kept = f"the last good checkpoint (epoch {self.epoch}) is kept"
+        return f"{what} in epoch {self.epoch + 1}: stopping; {kept}"
 
     def _forward_fn(self) -> Callable[[Tensor], NetOutput]:
         if self.world == 1:
@@ -313,6 +471,21 @@ class MAPTrainer:
     def _limit(self, windows: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         cap = self.config.train.max_eval_windows
         return windows if cap is None else (windows[0][:cap], windows[1][:cap])
+
+
+def _finite(forward: Callable[[Tensor], NetOutput]) -> Callable[[Tensor], NetOutput]:
+    """``forward`` that raises :class:`_NonFiniteForward` when its logits or prior log-density hold NaN or inf."""
+
+    def checked(idx: Tensor) -> NetOutput:
+        out = forward(idx)
+        finite = torch.isfinite(out.logits).all()
+        if out.prior_log_density is not None:
+            finite = finite & torch.isfinite(out.prior_log_density).all()
+        if not bool(finite):
+            raise _NonFiniteForward("non-finite forward pass (NaN or inf in the logits or the prior's log-density)")
+        return out
+
+    return checked
 
 
 def _format_record(r: dict[str, Any]) -> str:
