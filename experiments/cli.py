@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "scalar-geometry": "experiments.scalar_geometry",
     "decode": "experiments.decode",
     "decoding-study": "experiments.decoding_study",
+    "robustness-study": "experiments.robustness_study",
 }
 """Subcommand name -> module implementing it."""
 

@@ -1,0 +1,334 @@
+"""``prob-attention robustness-study``: does the margin barrier make the model more robust, with controls?
+
+Each *arm* is one training setting (same architecture, optimiser, schedule and epochs; only the named
+fields differ from the default run), trained with several seeds:
+
+- ``ce``: cross-entropy only, the reference;
+- ``margin-free-*``: the paper's margin-only loss with free coupling (our reproduction's runs), which ends
+  in the negative-coupling, dispersion-promoting regime;
+- ``margin-positive-*``: the paper's regime, positive coupling (``A = W_k^T W_k >= 0``, every
+  ``log det J_tt <= 0``), kept from its trivial optimum ``A -> 0`` either by a coupling of fixed norm or by
+  the full prior density (Gaussian residual, learned sigma);
+- ``margin-layernorm-*``: the margin barrier on layer-normalised embeddings, which growing the embeddings
+  cannot raise (a scale-free barrier);
+- ``noise-*`` and ``jacobian-*``: the peers, Gaussian noise injection into the decoded embeddings and
+  Jacobian regularisation of the logits (Hoffman et al. 2019), at strengths tuned on validation to the
+  clean cost of the margin model they are compared with.
+
+Every model is scored on whole validation and test splits, clean and under three perturbation families
+(:mod:`experiments.perturbations`): absolute embedding noise, noise scaled to the model's embedding RMS,
+and character substitutions, all paired across models. Each arm is compared with CE-only by a paired
+bootstrap over seeds and windows (:mod:`experiments.intervals`); an arm with fewer than three finished
+seeds is listed without a verdict.
+
+The study resumes: training checkpoints every epoch, finished runs are reused (also committed runs under
+``--reuse`` whose configuration matches exactly), and each model's scores are cached beside the results.
+Run it once per arm and seed to spread the work (``--arms``, ``--seeds``), two processes at a time on two
+cores; ``--no-train`` scores what is finished and lists the rest.
+
+Example::
+
+    prob-attention robustness-study --arms ce noise-0.02 --seeds 0 1 2
+    prob-attention robustness-study --no-train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from inference.map import PRESETS, RunConfig, TrainedModel, device_name, load_trained
+from prob_attention.corpus import window_batches
+
+from .evaluation import embedding_rms
+from .intervals import Interval, mean_difference, paired_bootstrap, verdict
+from .perturbations import Perturbation, window_bpc
+from .plots import save
+from .report import markdown_table, provenance, write_json, write_markdown
+from .runs import Stopwatch, ensure_trained, is_finished, resolve_device, split_windows
+
+HELP = "robustness of the margin barrier against CE-only and peers, with seeds, controls and paired intervals"
+
+MIN_SEEDS = 3
+"""Seeds an arm needs (and CE-only with it) before it gets a verdict."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training setting: a method at a strength, as overrides of the default run's config."""
+
+    name: str
+    method: str
+    strength: float
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def config(self, seed: int, preset: str = "default", epochs: int | None = None) -> RunConfig:
+        """The run of this arm with ``seed``: the preset (the default 20-epoch run) with the arm's overrides."""
+        train = {**self.overrides.get("train", {}), "seed": seed}
+        if epochs is not None:
+            train["epochs"] = epochs
+        return RunConfig.preset(preset, prior=self.overrides.get("prior", {}), train=train)
+
+
+def _margin(name: str, method: str, lambda_m: float, **prior: Any) -> Arm:
+    return Arm(name, method, lambda_m, {"prior": prior, "train": {"lambda_m": lambda_m}})
+
+
+ARMS: dict[str, Arm] = {arm.name: arm for arm in [
+    Arm("ce", "CE-only", 0.0),
+    _margin("margin-free-lambda0.02", "margin, free coupling", 0.02),
+    _margin("margin-free-lambda0.05", "margin, free coupling", 0.05),
+    _margin("margin-positive-norm16-lambda0.05", "margin, positive coupling, |W_k| = 16", 0.05,
+            coupling="barrier", coupling_norm=16.0),
+    _margin("margin-positive-full-lambda0.05", "full prior, positive coupling, learned sigma", 0.05,
+            coupling="barrier", density="full", learn_sigma=True),
+    _margin("margin-layernorm-lambda0.05", "margin on layer-normalised embeddings", 0.05, input_norm=True),
+    Arm("noise-0.02", "noise injection", 0.02, {"train": {"embed_noise": 0.02}}),
+    Arm("jacobian-1e-07", "Jacobian regularisation", 1e-7, {"train": {"jacobian_reg": 1e-7}}),
+]}
+"""The arms, by name. Strengths of the peers are tuned on validation to a margin model's clean cost."""
+
+PERTURBATIONS: tuple[Perturbation, ...] = (
+    *(Perturbation("noise", s) for s in (0.01, 0.02, 0.03, 0.04)),
+    *(Perturbation("relative_noise", s) for s in (0.125, 0.25, 0.375, 0.5)),
+    *(Perturbation("substitution", r) for r in (0.02, 0.05, 0.10)),
+)
+"""The perturbation levels: the absolute grid of ``noise-robustness`` (largest 0.04, about half the CE-only
+embeddings' RMS), the same as fractions of each model's RMS, and 2, 5 and 10% typos."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
+                        help=f"arms to train and score (default: all): {', '.join(ARMS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="the run every arm modifies (default: the paper's 20-epoch configuration)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's; fewer "
+                        "for a cheaper screening study, in its own --runs-dir and --out)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/robustness_study"),
+                        help="where the study's runs are trained, one folder per arm and seed")
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[Path("results/train")],
+                        help="folders of finished runs to reuse where the configuration matches exactly")
+    parser.add_argument("--no-train", dest="train", action="store_false",
+                        help="train nothing: score the finished runs and list the missing ones")
+    parser.add_argument("--draws", type=int, default=3, help="draws per perturbation level")
+    parser.add_argument("--max-windows", type=int, default=None, help="score only the first windows of each split")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws per interval")
+    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the perturbations (shared by all models)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--out", type=Path, default=Path("results/robustness_study"))
+
+
+# ------------------------------------------------------------------------------------------ runs
+def committed_run(config: RunConfig, folders: Iterable[Path]) -> Path | None:
+    """A finished run under ``folders`` whose configuration is exactly ``config``."""
+    for folder in folders:
+        for run_dir in sorted(p for p in Path(folder).glob("*") if p.is_dir()):
+            if is_finished(run_dir):
+                saved = json.loads((run_dir / "checkpoint" / "config.json").read_text())["run"]
+                if RunConfig.from_dict(saved).to_dict() == config.to_dict():
+                    return run_dir
+    return None
+
+
+def run_dir_for(arm: Arm, seed: int, args: argparse.Namespace) -> Path:
+    """Where ``arm`` with ``seed`` lives: a matching committed run, else its folder under ``--runs-dir``."""
+    config = arm.config(seed, args.preset, args.epochs)
+    return committed_run(config, args.reuse) or args.runs_dir / f"{arm.name}-seed{seed}"
+
+
+# -------------------------------------------------------------------------------------- scoring
+def regime(trained: TrainedModel, inputs: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Which coupling regime the model's prior ends in: the distribution of ``log det J_tt`` over the windows'
+    positions ``t >= 3`` (on what the prior models) and the eigenvalue range of ``sym(A)`` per head."""
+    net = trained.net
+    values = []
+    with torch.no_grad():
+        for idx, _ in window_batches(inputs, inputs, batch_size):
+            x = net.prior_input(net.gpt.embed(idx).float())
+            values.append(net.embedding_prior(x.shape[-2]).log_det_terms(x)[0][:, 2:].flatten())
+        log_det = torch.cat(values).double()
+        a = net.transform.coupling_matrix.double()
+        eig = torch.linalg.eigvalsh((a + a.transpose(-1, -2)) / 2)  # (H, d)
+        w_k_norm = float(net.transform.w_k.double().flatten(1).norm(dim=1).max())
+    quantiles = torch.quantile(log_det, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
+    mean = float(log_det.mean())
+    return {
+        "log_det_mean": mean,
+        "log_det_quantiles": dict(zip(("q01", "q50", "q99"), quantiles)),
+        "log_det_positive_fraction": float((log_det > 0).double().mean()),
+        "sym_a_eigenvalues": [float(eig.min()), float(eig.max())],
+        "w_k_norm": w_k_norm,
+        "name": ("negative coupling (dispersion)" if mean > 0 else
+                 "positive coupling (barrier)" if mean < 0 else "neutral"),
+    }
+
+
+def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Per-window BPC of one trained model on each split, clean and at every perturbation level (mean over
+    the draws), with its embedding RMS and regime."""
+    trained = load_trained(run_dir, map_location=resolve_device(args.device))
+    out: dict[str, Any] = {"run": str(run_dir), "config": trained.config.to_dict(),
+                           "training_device": trained.history[-1].get("device") if trained.history else None,
+                           "splits": {}}
+    for split in ("val", "test"):
+        inputs, targets = split_windows(trained, split, args.max_windows)
+        rms = embedding_rms(trained.net, inputs, args.batch_size)
+        scores = {"clean": window_bpc(trained.net, inputs, targets, Perturbation("clean"),
+                                      batch_size=args.batch_size).tolist()}
+        for p in PERTURBATIONS:
+            draws = [window_bpc(trained.net, inputs, targets, p, draw=k, seed=args.noise_seed, rms=rms,
+                                batch_size=args.batch_size) for k in range(args.draws)]
+            scores[p.label] = torch.stack(draws).mean(0).tolist()
+        out["splits"][split] = {"windows": int(inputs.shape[0]), "embedding_rms": rms, "bpc": scores}
+    out["regime"] = regime(trained, split_windows(trained, "val", args.max_windows)[0], args.batch_size)
+    return out
+
+
+def cached_scores(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`score_model`, cached under ``<out>/scores/``; a cache made with other settings is recomputed."""
+    settings = {"draws": args.draws, "max_windows": args.max_windows, "noise_seed": args.noise_seed,
+                "batch_size": args.batch_size, "perturbations": [p.label for p in PERTURBATIONS]}
+    path = args.out / "scores" / f"{arm.name}-seed{seed}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == settings and cached.get("run") == str(run_dir):
+            return cached
+    scores = {**score_model(run_dir, args), "settings": settings, "arm": arm.name, "seed": seed}
+    write_json(path, scores)
+    return scores
+
+
+# ---------------------------------------------------------------------------------- comparisons
+def _matrix(models: list[dict[str, Any]], split: str, label: str) -> np.ndarray:
+    return np.array([m["splits"][split]["bpc"][label] for m in models])  # (seeds, windows)
+
+
+def compare(arm_models: list[dict[str, Any]], ce_models: list[dict[str, Any]], split: str,
+            draws: int, seed: int) -> dict[str, Any]:
+    """The arm against CE-only on one split, paired by seed: the clean cost and, per perturbation level, the
+    difference in BPC and in relative degradation, each with a bootstrap interval and a verdict."""
+    ce_by_seed = {m["seed"]: m for m in ce_models}
+    paired = [(m, ce_by_seed[m["seed"]]) for m in arm_models if m["seed"] in ce_by_seed]
+    if len(paired) < MIN_SEEDS:
+        return {"seeds": [m["seed"] for m, _ in paired], "verdict": f"fewer than {MIN_SEEDS} paired seeds"}
+    ours, ref = [m for m, _ in paired], [c for _, c in paired]
+
+    def interval(statistic, **arrays: np.ndarray) -> Interval:
+        return paired_bootstrap(arrays, statistic, draws=draws, seed=seed)
+
+    clean = {"method": _matrix(ours, split, "clean"), "reference": _matrix(ref, split, "clean")}
+    result: dict[str, Any] = {
+        "seeds": [m["seed"] for m in ours],
+        "clean_cost_percent": interval(
+            lambda a: 100 * (a["method"].mean() / a["reference"].mean() - 1), **clean).to_dict(),
+        "levels": {},
+    }
+    for p in PERTURBATIONS:
+        noisy = {"method": _matrix(ours, split, p.label), "reference": _matrix(ref, split, p.label)}
+        bpc = interval(mean_difference, **noisy)
+        degradation = interval(
+            lambda a: 100 * (a["m"].mean() / a["mc"].mean() - a["r"].mean() / a["rc"].mean()),
+            m=noisy["method"], mc=clean["method"], r=noisy["reference"], rc=clean["reference"])
+        result["levels"][p.label] = {"bpc_difference": bpc.to_dict(), "bpc_verdict": verdict(bpc),
+                                     "degradation_difference_points": degradation.to_dict(),
+                                     "degradation_verdict": verdict(degradation)}
+    for family in ("noise", "relative_noise", "substitution"):
+        verdicts = [v["bpc_verdict"] for k, v in result["levels"].items() if k.startswith(family + "=")]
+        result[f"{family}_better_at_every_level"] = all(v == "better" for v in verdicts)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ output
+def summary_record(scores: dict[str, Any], arm: Arm) -> dict[str, Any]:
+    """One model's line of ``summary.json``."""
+    record = {"arm": arm.name, "method": arm.method, "strength": arm.strength, "seed": scores["seed"],
+              "run": scores["run"], "regime": scores["regime"]}
+    for split, s in scores["splits"].items():
+        record[f"{split}_clean_bpc"] = float(np.mean(s["bpc"]["clean"]))
+        record[f"{split}_embedding_rms"] = s["embedding_rms"]
+        record[f"{split}_bpc"] = {label: float(np.mean(v)) for label, v in s["bpc"].items()}
+    return record
+
+
+def verdict_table(comparisons: dict[str, dict[str, Any]], split: str) -> str:
+    """Arms x perturbation levels: the verdict and the BPC difference against CE-only with its interval."""
+    labels = ["clean cost %"] + [p.label for p in PERTURBATIONS]
+    rows = []
+    for name, by_split in comparisons.items():
+        c = by_split[split]
+        if "levels" not in c:
+            rows.append([name] + [c["verdict"]] + [""] * (len(labels) - 1))
+            continue
+        cost = c["clean_cost_percent"]
+        cells = [f"{cost['estimate']:+.2f} [{cost['low']:+.2f}, {cost['high']:+.2f}]"]
+        for p in PERTURBATIONS:
+            lv = c["levels"][p.label]
+            d = lv["bpc_difference"]
+            cells.append(f"{lv['bpc_verdict']} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        rows.append([name] + cells)
+    return markdown_table(["arm vs CE-only"] + labels, rows)
+
+
+def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
+    """BPC against the perturbation level, one panel per family: each arm's seed mean, with its seeds' range."""
+    families = ("noise", "relative_noise", "substitution")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, family in zip(axes, families):
+        levels = [0.0] + [p.level for p in PERTURBATIONS if p.kind == family]
+        labels = ["clean"] + [p.label for p in PERTURBATIONS if p.kind == family]
+        for arm in dict.fromkeys(r["arm"] for r in records):
+            ys = np.array([[r[f"{split}_bpc"][lab] for lab in labels] for r in records if r["arm"] == arm])
+            line = ax.plot(levels, ys.mean(0), "o-", label=f"{arm} ({len(ys)} seeds)")[0]
+            ax.fill_between(levels, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+        ax.set(xlabel={"noise": "sigma (embedding units)", "relative_noise": "sigma / embedding RMS",
+                       "substitution": "substitution rate"}[family], ylabel=f"{split} BPC", title=family)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    watch = Stopwatch()
+    arms = [ARMS[name] for name in args.arms]
+    if "ce" not in args.arms:
+        arms.insert(0, ARMS["ce"])  # the reference of every comparison
+    scores: dict[str, list[dict[str, Any]]] = {arm.name: [] for arm in arms}
+    missing = []
+    for arm in arms:
+        for seed in args.seeds:
+            run_dir = run_dir_for(arm, seed, args)
+            if args.train and not is_finished(run_dir):
+                ensure_trained(arm.config(seed, args.preset, args.epochs), run_dir, progress=args.progress)
+            if not is_finished(run_dir):
+                missing.append(f"{arm.name} seed {seed} ({run_dir})")
+                continue
+            scores[arm.name].append(cached_scores(arm, seed, run_dir, args))
+    records = [summary_record(s, ARMS[name]) for name, models in scores.items() for s in models]
+    comparisons = {arm.name: {split: compare(scores[arm.name], scores["ce"], split, args.bootstrap, args.noise_seed)
+                              for split in ("val", "test")}
+                   for arm in arms if arm.name != "ce"}
+    device = device_name(resolve_device(args.device))
+    meta = provenance(device, watch.seconds, seeds=args.seeds, noise_seed=args.noise_seed, draws=args.draws,
+                      missing=missing)
+    write_json(args.out / "summary.json", {"models": records, "comparisons": comparisons, "meta": meta,
+                                           "perturbations": [p.label for p in PERTURBATIONS]})
+    figures = [plot(records, split, args.out / f"robustness_{split}.png") for split in ("val", "test") if records]
+    sections = [f"## {split}\n\n" + verdict_table(comparisons, split) for split in ("val", "test")]
+    if missing:
+        sections.append("Not finished: " + "; ".join(missing))
+    write_markdown(args.out / "README.md", "Robustness study", sections, meta)
+    print(f"wrote {args.out / 'summary.json'}" + "".join(f", {f}" for f in figures))
+    if missing:
+        print(f"{len(missing)} runs not finished: " + "; ".join(missing))
+    return 0

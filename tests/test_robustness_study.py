@@ -1,0 +1,77 @@
+"""The robustness study end to end on tiny runs: it trains, reuses, caches, compares with intervals and
+lists what is missing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import robustness_study as study
+
+
+def study_args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    return parser.parse_args([
+        "--preset", "tiny", "--arms", "ce", "noise-0.02", "--runs-dir", str(tmp_path / "runs"),
+        "--out", str(tmp_path / "out"), "--reuse", "--max-windows", "6", "--draws", "1", "--bootstrap", "50",
+        "--no-progress", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    tmp_path = tmp_path_factory.mktemp("study")
+    assert study.run(study_args(tmp_path)) == 0
+    return tmp_path, json.loads((tmp_path / "out" / "summary.json").read_text())
+
+
+def test_every_arm_and_seed_is_trained_scored_and_described(finished: tuple[Path, dict]) -> None:
+    tmp_path, summary = finished
+    assert sorted((r["arm"], r["seed"]) for r in summary["models"]) == [
+        ("ce", 0), ("ce", 1), ("ce", 2), ("noise-0.02", 0), ("noise-0.02", 1), ("noise-0.02", 2)]
+    record = summary["models"][0]
+    assert set(record["val_bpc"]) == {"clean", *summary["perturbations"]}
+    assert record["regime"]["name"] in ("negative coupling (dispersion)", "positive coupling (barrier)", "neutral")
+    assert (tmp_path / "out" / "robustness_val.png").stat().st_size > 0
+    assert summary["meta"]["missing"] == []
+
+
+def test_each_arm_is_compared_with_ce_only_at_every_level_with_an_interval(finished: tuple[Path, dict]) -> None:
+    _, summary = finished
+    comparison = summary["comparisons"]["noise-0.02"]["test"]
+    assert comparison["seeds"] == [0, 1, 2]
+    for level in summary["perturbations"]:
+        cell = comparison["levels"][level]
+        d = cell["bpc_difference"]
+        assert d["low"] <= d["estimate"] <= d["high"]
+        assert cell["bpc_verdict"] in ("better", "worse", "not distinguishable")
+    assert "ce" not in summary["comparisons"]
+
+
+def test_a_second_run_reuses_the_trained_runs_and_the_cached_scores(finished: tuple[Path, dict]) -> None:
+    tmp_path, _ = finished
+    cache = tmp_path / "out" / "scores" / "ce-seed0.json"
+    stamp = cache.stat().st_mtime_ns
+    assert study.run(study_args(tmp_path, "--no-train")) == 0
+    assert cache.stat().st_mtime_ns == stamp
+
+
+def test_an_arm_with_too_few_seeds_gets_no_verdict_and_missing_runs_are_listed(finished: tuple[Path, dict]) -> None:
+    tmp_path, _ = finished
+    args = study_args(tmp_path, "--no-train", "--seeds", "0", "1", "7", "--out", str(tmp_path / "out2"))
+    assert study.run(args) == 0
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert "fewer than 3" in summary["comparisons"]["noise-0.02"]["val"]["verdict"]
+    assert any("seed 7" in m for m in summary["meta"]["missing"])
+
+
+def test_a_finished_run_with_the_same_configuration_is_reused(finished: tuple[Path, dict], tmp_path: Path) -> None:
+    runs, _ = finished
+    args = study_args(tmp_path, "--no-train", "--reuse", str(runs / "runs"))
+    assert study.run_dir_for(study.ARMS["ce"], 1, args) == runs / "runs" / "ce-seed1"
+    other = study_args(tmp_path, "--no-train", "--reuse", str(runs / "runs"), "--epochs", "3")
+    assert study.run_dir_for(study.ARMS["ce"], 1, other) == tmp_path / "runs" / "ce-seed1"
