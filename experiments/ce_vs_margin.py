@@ -19,9 +19,10 @@ from typing import Any
 
 from inference.map import RunConfig, TrainedModel, sequence_margin_of
 
+from .flags import add_out_flag, add_progress_flag, nonnegative_float
 from .plots import plot_epoch_curves
 from .report import markdown_table, provenance, write_json, write_markdown
-from .runs import Stopwatch, ensure_trained, training_device
+from .runs import RUNS_DIR, Stopwatch, default_run_dir, ensure_trained, training_device
 from .train import add_config_arguments, config_from_args
 
 HELP = "Table 7.2 / Figure 7.4: CE-only vs Margin-only training curves and final BPC"
@@ -31,20 +32,21 @@ PAPER = {"CE-only": {"train_bpc": 2.075, "val_bpc": 2.122}, "Margin-only": {"tra
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lambda-m", type=float, default=0.02, help="margin weight of the Margin-only run (paper: 0.02)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+    parser.add_argument("--lambda-m", type=nonnegative_float, default=0.02,
+                        help="margin weight of the Margin-only run (paper: 0.02)")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR,
                         help="where the two runs live (<runs-dir>/<preset>-lambda0 and -lambda<lambda_m>)")
     parser.add_argument("--ce-run", type=Path, default=None, help="explicit run directory of the CE-only run")
     parser.add_argument("--margin-run", type=Path, default=None, help="explicit run directory of the Margin-only run")
-    parser.add_argument("--out", type=Path, default=Path("results/ce_vs_margin"))
-    parser.add_argument("--no-progress", action="store_true")
+    add_out_flag(parser, Path("results/ce_vs_margin"))
+    add_progress_flag(parser)
     add_config_arguments(parser, skip_train=("lambda_m",))
 
 
 def run_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
     """The CE-only and Margin-only run directories (named after the preset unless given)."""
-    ce = args.ce_run or args.runs_dir / f"{args.preset}-lambda0"
-    margin = args.margin_run or args.runs_dir / f"{args.preset}-lambda{args.lambda_m:g}"
+    ce = args.ce_run or default_run_dir(args.runs_dir, args.preset, 0.0)
+    margin = args.margin_run or default_run_dir(args.runs_dir, args.preset, args.lambda_m)
     return ce, margin
 
 

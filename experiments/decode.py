@@ -15,7 +15,6 @@ unless ``--sigma`` is given (:mod:`inference.trajectory`).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -23,9 +22,11 @@ import torch
 from inference.decoding import DecodeConfig, generate
 from inference.map import TrainedModel, load_trained
 from inference.posterior import SVIConfig
+from inference.smc import ParticleCollapse
 from inference.trajectory import TrajectoryModel
 from prob_attention.corpus import CharVocab, load_corpus, random_windows
 
+from .flags import add_device_flag, add_seed_flag, finite_float, positive_float, positive_int
 from .runs import resolve_device
 
 HELP = "generate text with posterior-predictive uncertainty per character (SMC or SVI over the embeddings)"
@@ -37,17 +38,25 @@ SIGMA_WINDOWS = 64
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained run (prob-attention train)")
     parser.add_argument("--prompt", required=True, help="the text to continue (characters of the vocabulary)")
-    parser.add_argument("--length", type=int, default=40, help="characters to generate (default 40)")
-    parser.add_argument("--particles", type=int, default=32, help="SMC particles / SVI samples (default 32)")
+    parser.add_argument("--length", type=positive_int, default=40, help="characters to generate (default 40)")
+    parser.add_argument("--particles", type=positive_int, default=32, help="SMC particles / SVI samples (default 32)")
     parser.add_argument("--method", choices=["smc", "svi"], default="smc", help="posterior method (default smc)")
-    parser.add_argument("--mi-threshold", type=float, default=0.05,
+    parser.add_argument("--mi-threshold", type=finite_float, default=0.05,
                         help="mark characters whose mutual information (nats) exceeds this (default 0.05)")
-    parser.add_argument("--sigma", type=float, default=None, help="latent noise scale (default: empirical Bayes)")
-    parser.add_argument("--tau-ratio", type=float, default=0.5, help="emission scale tau / sigma (default 0.5)")
-    parser.add_argument("--svi-steps", type=int, default=100, help="SVI steps per generated character (default 100)")
+    add_trajectory_flags(parser)
+    parser.add_argument("--svi-steps", type=positive_int, default=100,
+                        help="SVI steps per generated character (default 100)")
     parser.add_argument("--sample", action="store_true", help="sample from the predictive instead of taking its mode")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    add_seed_flag(parser)
+    add_device_flag(parser)
+
+
+def add_trajectory_flags(parser: argparse.ArgumentParser) -> None:
+    """``--sigma`` and ``--tau-ratio``: the trajectory model's scales (:func:`trajectory_model`)."""
+    parser.add_argument("--sigma", type=positive_float, default=None,
+                        help="latent noise scale (default: empirical Bayes)")
+    parser.add_argument("--tau-ratio", type=positive_float, default=0.5,
+                        help="emission scale tau / sigma (default 0.5)")
 
 
 def encoded_splits(trained: TrainedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,21 +79,19 @@ def trajectory_model(trained: TrainedModel, sigma: float | None, tau_ratio: floa
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give at least one character")
+    trained = load_trained(args.run_dir, map_location=resolve_device(args.device))
+    strict = CharVocab(trained.vocab.chars, on_unknown="error")  # unknown characters are an error, not UNK
+    prompt = strict.encode(args.prompt).to(trained.transform.w_k.device)
+    model = trajectory_model(trained, args.sigma, args.tau_ratio, args.seed)
+    config = DecodeConfig(args.method, args.particles, greedy=not args.sample, seed=args.seed,
+                          svi=SVIConfig(steps=args.svi_steps, seed=args.seed))
     try:
-        if not args.prompt:
-            raise ValueError("the prompt is empty: give at least one character")
-        if args.length < 1 or args.particles < 1:
-            raise ValueError("--length and --particles must be positive")
-        trained = load_trained(args.run_dir, map_location=resolve_device(args.device))
-        strict = CharVocab(trained.vocab.chars, on_unknown="error")  # unknown characters are an error, not UNK
-        prompt = strict.encode(args.prompt).to(trained.transform.w_k.device)
-        model = trajectory_model(trained, args.sigma, args.tau_ratio, args.seed)
-        config = DecodeConfig(args.method, args.particles, greedy=not args.sample, seed=args.seed,
-                              svi=SVIConfig(steps=args.svi_steps, seed=args.seed))
         generated = generate(model, prompt, args.length, config)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"prob-attention decode: {err}", file=sys.stderr)
-        return 2
+    except ParticleCollapse as err:
+        raise ValueError(f"{err}: the posterior collapsed (sigma {model.sigma:.3g}); a larger --sigma or more "
+                         "--particles may help") from err
     source = "given" if args.sigma is not None else f"empirical Bayes, {SIGMA_WINDOWS} training windows"
     print(f"{args.method}, {args.particles} {'particles' if args.method == 'smc' else 'samples'}; "
           f"sigma {model.sigma:.4g} ({source}), tau {model.tau:.4g}; entropies in nats")

@@ -26,7 +26,6 @@ a random score, are given for scale). Outputs in ``--out``: ``results.json``, ``
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ from inference.posterior import entropy
 from inference.smc import TrajectorySMC
 from prob_attention.corpus import eval_windows
 
-from .decode import encoded_splits, trajectory_model
+from .decode import add_trajectory_flags, encoded_splits, trajectory_model
+from .flags import add_device_flag, add_out_flag, add_progress_flag, add_seed_flag, positive_int
 from .plots import plt
 from .report import markdown_table, provenance, write_json, write_markdown
 from .runs import Stopwatch, resolve_device
@@ -72,16 +72,16 @@ on ``map_neg_maxprob`` and the signal, fitted on one split and scored on the oth
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dirs", type=Path, nargs="+", required=True, help="trained runs to compare")
-    parser.add_argument("--windows", type=int, default=8, help="windows per split (validation, test; default 8)")
-    parser.add_argument("--window-length", type=int, default=64, help="characters per window (default 64)")
-    parser.add_argument("--particles", type=int, default=16, help="SMC particles (default 16)")
-    parser.add_argument("--sigma", type=float, default=None, help="latent noise scale (default: empirical Bayes)")
-    parser.add_argument("--tau-ratio", type=float, default=0.5, help="emission scale tau / sigma (default 0.5)")
-    parser.add_argument("--out", type=Path, default=Path("results/decoding"), help="output directory")
+    parser.add_argument("--windows", type=positive_int, default=8,
+                        help="windows per split (validation, test; default 8)")
+    parser.add_argument("--window-length", type=positive_int, default=64, help="characters per window (default 64)")
+    parser.add_argument("--particles", type=positive_int, default=16, help="SMC particles (default 16)")
+    add_trajectory_flags(parser)
+    add_out_flag(parser, Path("results/decoding"))
     parser.add_argument("--quick", action="store_true", help="seconds: 1 window of 16 characters per split, 8 particles")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar over the windows")
+    add_seed_flag(parser)
+    add_device_flag(parser)
+    add_progress_flag(parser)
 
 
 def held_out_windows(splits: tuple[torch.Tensor, ...], count: int,
@@ -191,18 +191,12 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.windows, args.window_length, args.particles = 1, 16, 8
-    if args.windows < 1 or args.window_length < 2 or args.particles < 1:
-        print("prob-attention decoding-study: --windows, --particles must be positive, --window-length >= 2",
-              file=sys.stderr)
-        return 2
+    if args.window_length < 2:
+        raise ValueError("--window-length must be at least 2")
     clock = Stopwatch()
     results = []
     for run_dir in args.run_dirs:
-        try:
-            results.append(score_run(run_dir, args))
-        except (FileNotFoundError, ValueError) as err:
-            print(f"prob-attention decoding-study: {run_dir}: {err}", file=sys.stderr)
-            return 2
+        results.append(score_run(run_dir, args))
         print(f"{run_dir}: {results[-1]['positions']} positions in {results[-1]['seconds']:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = provenance(device_name(resolve_device(args.device)), clock.seconds, seed=args.seed,

@@ -34,7 +34,8 @@ import numpy as np
 
 from inference.map import device_name, load_trained
 
-from .evaluation import embedding_rms, noisy_bpc
+from .evaluation import NOISE_LEVELS, SIGMA_MAX, embedding_rms, noisy_bpc
+from .flags import add_device_flag, add_noise_draw_flags, add_out_flag, positive_float, positive_int
 from .plots import save
 from .report import markdown_table, provenance, write_json, write_markdown
 from .runs import Stopwatch, resolve_device, split_windows
@@ -51,18 +52,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=Path, nargs="+", required=True,
                         help="trained run directories; the first is the reference (CE-only)")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per run (default: CE-only, Margin-only)")
-    parser.add_argument("--sigma-max", type=float, default=None,
-                        help="largest noise level (default 0.04 absolute, 0.5 with --relative; see the module docstring)")
+    parser.add_argument("--sigma-max", type=positive_float, default=None,
+                        help=f"largest noise level (default {SIGMA_MAX['absolute']:g} absolute, "
+                             f"{SIGMA_MAX['relative']:g} with --relative; see the module docstring)")
     parser.add_argument("--relative", action="store_true",
                         help="noise levels are fractions of each model's embedding RMS per coordinate")
-    parser.add_argument("--n-sigmas", type=int, default=11, help="equally spaced levels from 0 to --sigma-max")
-    parser.add_argument("--draws", type=int, default=5, help="noise draws per level")
+    parser.add_argument("--n-sigmas", type=positive_int, default=NOISE_LEVELS,
+                        help="equally spaced levels from 0 to --sigma-max")
+    add_noise_draw_flags(parser, "--seed")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
-    parser.add_argument("--max-windows", type=int, default=None, help="score only the first windows of a split")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (shared by all models)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    parser.add_argument("--out", type=Path, default=Path("results/noise_robustness"))
+    parser.add_argument("--max-windows", type=positive_int, default=None,
+                        help="score only the first windows of a split")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    add_device_flag(parser)
+    add_out_flag(parser, Path("results/noise_robustness"))
 
 
 def default_labels(n: int) -> list[str]:
@@ -90,7 +93,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     labels = args.labels or default_labels(len(args.runs))
     if len(labels) != len(args.runs):
         raise ValueError(f"{len(args.runs)} runs but {len(labels)} labels")
-    sigma_max = args.sigma_max if args.sigma_max is not None else (0.5 if args.relative else 0.04)
+    sigma_max = args.sigma_max if args.sigma_max is not None else SIGMA_MAX["relative" if args.relative else "absolute"]
     if args.n_sigmas < 2 or sigma_max <= 0:
         raise ValueError("need --n-sigmas >= 2 and --sigma-max > 0")
     sigmas = [float(s) for s in np.linspace(0.0, sigma_max, args.n_sigmas)]

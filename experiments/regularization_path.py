@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,18 @@ import torch
 
 from inference.map import RunConfig, device_name
 
-from .evaluation import embedding_rms, noisy_bpc, prior_diagnostics
+from .evaluation import SIGMA_MAX, embedding_rms, noisy_bpc, prior_diagnostics
+from .flags import (
+    add_noise_draw_flags,
+    add_out_flag,
+    add_progress_flag,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 from .plots import save
 from .report import markdown_table, provenance, write_json, write_markdown
-from .runs import Stopwatch, ensure_trained, is_finished, split_windows, training_device
+from .runs import RUNS_DIR, Stopwatch, default_run_dir, ensure_trained, is_finished, split_windows, training_device
 from .train import add_config_arguments, config_from_args
 
 HELP = "Table 1 / Figure 7.6: clean and noisy BPC and prior diagnostics along lambda_m"
@@ -54,20 +61,21 @@ but the values (about 0.8-1 and 76-108) suggest the two headers are swapped; we 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lambdas", type=float, nargs="+", default=list(PAPER_LAMBDAS))
-    parser.add_argument("--sigma", type=float, default=0.03,
+    parser.add_argument("--lambdas", type=nonnegative_float, nargs="+", default=list(PAPER_LAMBDAS))
+    parser.add_argument("--sigma", type=positive_float, default=0.03,
                         help="noise standard deviation for the noisy BPC (default 0.03: below noise-robustness's "
-                             "largest, 0.04, as the paper's path noise sits below its sweep's largest)")
-    parser.add_argument("--sigma-relative", type=float, default=0.37,
+                             f"largest, {SIGMA_MAX['absolute']:g}, as the paper's path noise sits below its sweep's "
+                             "largest)")
+    parser.add_argument("--sigma-relative", type=positive_float, default=0.37,
                         help="noise as a fraction of each model's embedding RMS per coordinate (default 0.37: "
                              "0.03 / 0.081, the CE-only full run's RMS, so both noises coincide for that model)")
-    parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument("--noise-seed", type=int, default=0)
+    add_noise_draw_flags(parser, "--noise-seed")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
-    parser.add_argument("--max-windows", type=int, default=None, help="score only the first windows of a split")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--out", type=Path, default=Path("results/regularization_path"))
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--max-windows", type=positive_int, default=None,
+                        help="score only the first windows of a split")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    add_out_flag(parser, Path("results/regularization_path"))
+    add_progress_flag(parser)
     parser.add_argument("--finished-only", action="store_true",
                         help="score only the lambdas whose runs are finished in --runs-dir; train nothing")
     add_config_arguments(parser, skip_train=("lambda_m",))
@@ -79,7 +87,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     points, missing = [], []
     for lam in args.lambdas:
         config = replace(base, train=replace(base.train, lambda_m=lam))
-        run_dir = args.runs_dir / f"{args.preset}-lambda{lam:g}"
+        run_dir = default_run_dir(args.runs_dir, args.preset, lam)
         if args.finished_only and not is_finished(run_dir):
             missing.append(lam)
             continue
@@ -159,11 +167,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     clock = Stopwatch()
-    try:
-        results = measure(args)
-    except ValueError as err:
-        print(f"prob-attention regularization-path: {err}", file=sys.stderr)
-        return 2
+    results = measure(args)
     points = results["points"]
     results["optimum"] = {split: {key: optimum(points, split, key) for key in OPTIMUM_KEYS} for split in args.splits}
     args.out.mkdir(parents=True, exist_ok=True)

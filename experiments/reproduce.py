@@ -9,13 +9,16 @@ The steps are the subcommands themselves, called with the flags below, so each c
 4. ``regularization-path`` (Table 1, Figure 7.6) — trains one run per ``lambda_m`` (the two above are reused),
 5. ``support-tokens`` on the two runs.
 
-Trained runs go to ``--runs-dir`` and are reused by later invocations (a finished run is never
-retrained). ``--quick`` is a smoke run of a few minutes on CPU: the ``tiny`` model, a few windows, three
-values of ``lambda_m``; its numbers only show the pipeline works.
+Every step's command line goes through that command's own parser before the first step runs, so a
+flag a command no longer knows stops ``reproduce`` at once, not hours in. Trained runs go to
+``--runs-dir`` and are reused by later invocations (a finished run is never retrained). ``--quick`` is
+a smoke run of a few minutes on CPU: the ``tiny`` model, a few windows, three values of ``lambda_m``;
+its numbers only show the pipeline works, so they go to their own folder (``runs/reproduce-quick``),
+never over the committed full-size results in ``results/``.
 
 Example::
 
-    prob-attention reproduce --quick --out results/quick
+    prob-attention reproduce --quick
     prob-attention reproduce                      # the paper's settings (hours on CPU; use a GPU)
 """
 
@@ -25,30 +28,44 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli import UsageError, parse, run_parsed
+from .flags import add_progress_flag, nonnegative_float, positive_float
 from .report import provenance, write_json
-from .runs import Stopwatch
+from .runs import RUNS_DIR, Stopwatch, default_run_dir
 
 HELP = "run every reproduction (scalar geometry, CE vs margin, noise, regularization path, support tokens)"
+
+RESULTS_DIR = Path("results")
+"""Where the full reproduction writes (the committed results the results page reads)."""
+
+QUICK_RESULTS_DIR = RUNS_DIR / "reproduce-quick"
+"""Where ``--quick`` writes by default: scratch space, never the committed ``results/``."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run of a few minutes (tiny model, few windows)")
     parser.add_argument("--preset", default=None, help="training preset (default: default; tiny with --quick)")
-    parser.add_argument("--lambda-m", type=float, default=0.02, help="the Margin-only weight")
-    parser.add_argument("--sigma-max", type=float, default=None,
+    parser.add_argument("--lambda-m", type=nonnegative_float, default=0.02, help="the Margin-only weight")
+    parser.add_argument("--sigma-max", type=positive_float, default=None,
                         help="largest noise level of the robustness sweep (default: noise-robustness's)")
-    parser.add_argument("--path-sigma", type=float, default=None,
+    parser.add_argument("--path-sigma", type=positive_float, default=None,
                         help="noise level of the regularization path (default: regularization-path's)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default {RESULTS_DIR}; {QUICK_RESULTS_DIR} with --quick)")
+    add_progress_flag(parser)
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    """The results folder: ``--out``, else ``results/`` (full) or ``runs/reproduce-quick`` (``--quick``)."""
+    return args.out or (QUICK_RESULTS_DIR if args.quick else RESULTS_DIR)
 
 
 def steps(args: argparse.Namespace) -> list[list[str]]:
     """The subcommand invocations, in order."""
     preset = args.preset or ("tiny" if args.quick else "default")
-    out, runs = args.out, args.runs_dir
-    pair = [str(runs / f"{preset}-lambda0"), str(runs / f"{preset}-lambda{args.lambda_m:g}")]
+    out, runs = out_dir(args), args.runs_dir
+    pair = [str(default_run_dir(runs, preset, 0.0)), str(default_run_dir(runs, preset, args.lambda_m))]
     windows = ["--max-windows", "32"] if args.quick else []
     progress = ["--no-progress"] if args.no_progress else []
     draws = ["--draws", "2"] if args.quick else []
@@ -69,18 +86,35 @@ def steps(args: argparse.Namespace) -> list[list[str]]:
     ]
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import main as cli_main
+def plan(args: argparse.Namespace) -> list[tuple[list[str], argparse.Namespace]]:
+    """Each step's command line and its arguments, parsed by the step's own command parser.
 
+    Raises:
+        ValueError: a step's command line is not valid for its command (a renamed or removed flag, a bad value).
+    """
+    planned = []
+    for argv in steps(args):
+        try:
+            step_args = parse(argv)
+        except UsageError as err:
+            raise ValueError(f"step `{' '.join(argv)}` is not a valid command line: {err.prog}: {err.reason}") from err
+        step_args.debug = args.debug
+        planned.append((argv, step_args))
+    return planned
+
+
+def run(args: argparse.Namespace) -> int:
+    planned = plan(args)  # every step checked before the first one runs
+    out = out_dir(args)
     clock = Stopwatch()
     done = []
-    for argv in steps(args):
+    for argv, step_args in planned:
         print(f"\n=== prob-attention {' '.join(argv)}", flush=True)
         step = Stopwatch()
-        status = cli_main(argv)
+        status = run_parsed(step_args)
         done.append({"argv": argv, "status": status, "seconds": round(step.seconds, 1)})
         if status != 0:
             print(f"step {argv[0]} failed with status {status}; stopping", file=sys.stderr)
             break
-    write_json(args.out / "reproduce.json", {"steps": done, "provenance": provenance("see each step", clock.seconds)})
+    write_json(out / "reproduce.json", {"steps": done, "provenance": provenance("see each step", clock.seconds)})
     return max(step["status"] for step in done)

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from inference.checkpoint import write_text_atomic
+from inference.checkpoint import require_regular_or_new, write_text_atomic
 
 from .decoding_study import signal_table
 from .regularization_path import OPTIMUM_KEYS, draws_phrase
@@ -40,11 +40,18 @@ findings are. The same commands take `--corpus wikitext-2-raw`. **Seed** 0 (trai
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"),
+                        help="the page to write: a regular file or a new path (default: docs/RESULTS.md)")
 
 
 def _load(path: Path) -> Any | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """The JSON at ``path`` (a regular file), ``None`` if there is none; a ``ValueError`` naming a damaged file."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(require_regular_or_new(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
 def _provenance(meta: dict[str, Any]) -> str:
@@ -89,7 +96,7 @@ def train_section(folder: Path) -> list[str]:
     """The full training runs kept under ``results/train/<name>/`` (history and config of ``prob-attention train``)."""
     rows = []
     for run_dir in sorted(p for p in folder.iterdir() if (p / "history.json").exists()) if folder.is_dir() else []:
-        saved = json.loads((run_dir / "history.json").read_text())
+        saved = _load(run_dir / "history.json")
         history, config = saved["history"], saved["config"]["run"]
         last = history[-1]
         rows.append([run_dir.name, config["train"]["lambda_m"], config["train"]["seed"],
@@ -292,9 +299,10 @@ def build(results: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = require_regular_or_new(args.out)  # never read or replace a device, pipe, link or folder
     page = build(args.results)
-    if args.out.exists() and MARKER in (old := args.out.read_text()):
+    if out.exists() and MARKER in (old := out.read_text()):
         page += "\n" + old[old.index(MARKER):]
-    write_text_atomic(args.out, page)
+    write_text_atomic(out, page)
     print(f"wrote {args.out}")
     return 0

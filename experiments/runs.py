@@ -1,14 +1,13 @@
 """Trained runs for the experiments: train a configuration once, reuse its checkpoint afterwards.
 
-An experiment names a run directory and a :class:`~inference.map.RunConfig`; :func:`ensure_trained`
-loads the run when its checkpoint has finished every epoch, resumes it when it stopped part-way, and
-trains it otherwise. A run directory holding a different configuration is an error (the checkpoint's
-config must match), never silently reused.
+An experiment names a run directory (:func:`default_run_dir`, ``<runs-dir>/<preset>-lambda<lambda_m>``) and a
+:class:`~inference.map.RunConfig`; :func:`ensure_trained` loads the run when its checkpoint has finished
+every epoch, resumes it when it stopped part-way, and trains it otherwise. A run directory holding a
+different configuration is an error (the checkpoint's config must match), never silently reused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from inference.checkpoint import CheckpointMismatchError, config_differences, find_checkpoint, read_config, read_state
 from inference.map import (
     CHECKPOINT_DIR,
     MAPTrainer,
@@ -26,19 +26,31 @@ from inference.map import (
 )
 from prob_attention.corpus import eval_windows, load_corpus
 
-__all__ = ["ensure_trained", "is_finished", "split_windows", "training_device", "resolve_device", "Stopwatch"]
+__all__ = ["RUNS_DIR", "Stopwatch", "default_run_dir", "ensure_trained", "is_finished", "resolve_device",
+           "split_windows", "training_device"]
+
+RUNS_DIR = Path("runs")
+"""Where commands train their runs by default (scratch space, not committed)."""
+
+
+def default_run_dir(runs_dir: str | os.PathLike[str], preset: str, lambda_m: float) -> Path:
+    """The run directory of ``preset`` trained with margin weight ``lambda_m``:
+    ``<runs_dir>/<preset>-lambda<lambda_m>``."""
+    return Path(runs_dir) / f"{preset}-lambda{lambda_m:g}"
 
 
 def is_finished(run_dir: str | os.PathLike[str]) -> bool:
     """Whether ``run_dir`` holds a checkpoint past its last epoch, with the test split scored."""
-    state_file = Path(run_dir) / CHECKPOINT_DIR / "state.json"
-    config_file = Path(run_dir) / CHECKPOINT_DIR / "config.json"
-    if not (state_file.exists() and config_file.exists()):
+    ckpt = find_checkpoint(Path(run_dir) / CHECKPOINT_DIR)
+    if ckpt is None:
         return False
-    state = json.loads(state_file.read_text())
-    epochs = json.loads(config_file.read_text())["run"]["train"]["epochs"]
-    history = state.get("history", [])
-    return int(state.get("epoch", 0)) >= epochs and bool(history) and "test_bpc" in history[-1]
+    state, config = read_state(ckpt), read_config(ckpt)
+    try:
+        epochs = config["run"]["train"]["epochs"]
+        history = state.get("history", [])
+        return int(state.get("epoch", 0)) >= epochs and bool(history) and "test_bpc" in history[-1]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointMismatchError(f"{ckpt} is not the checkpoint of a training run ({err!r})") from err
 
 
 def ensure_trained(config: RunConfig, run_dir: str | os.PathLike[str], progress: bool = True) -> TrainedModel:
@@ -51,12 +63,10 @@ def ensure_trained(config: RunConfig, run_dir: str | os.PathLike[str], progress:
         trainer = MAPTrainer(config, run_dir, progress=progress)
         trainer.fit(resume=True)
     trained = load_trained(run_dir)
-    if trained.config.to_dict() != config.to_dict():
-        raise ValueError(
-            f"{run_dir} holds a finished run of another configuration; choose another run directory\n"
-            f"  saved:     {json.dumps(trained.config.to_dict(), sort_keys=True)}\n"
-            f"  requested: {json.dumps(config.to_dict(), sort_keys=True)}"
-        )
+    diffs = config_differences(trained.config.to_dict(), config.to_dict())
+    if diffs:
+        raise CheckpointMismatchError(f"{run_dir} holds a finished run of another configuration ("
+                                      + "; ".join(diffs) + "); choose another run directory")
     return trained
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from inference.checkpoint import write_text_atomic
+from inference.map.config import check_number
 from prob_attention import (
     EmbeddingPrior,
     conditional_log_prob,
@@ -49,7 +50,7 @@ from prob_attention import (
 from prob_attention.scalar import scalar_attention
 from prob_attention.statistics import weighted_covariance
 
-from .flags import add_dataclass_flags, set_fields
+from .flags import add_dataclass_flags, add_out_flag, finite_float, set_fields
 from .report import write_json
 
 HELP = "scalar positive/zero/negative coupling: conditional densities and a population study (Section 3.4)"
@@ -91,15 +92,20 @@ class ScalarGeometryConfig:
     """fixed context x_{<t} for Figure 3.2"""
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta is the positive coupling magnitude, got {self.beta}")
-        if self.sigma <= 0 or self.x_scale <= 0:
-            raise ValueError("sigma and x_scale must be positive")
-        if self.length < 2 or self.n_sequences < 1 or self.grid_points < 3 or not self.grid_max > self.grid_min:
-            raise ValueError("need length >= 2, n_sequences >= 1, grid_points >= 3, grid_max > grid_min")
+        owner = "ScalarGeometryConfig"
+        for name in ("beta", "sigma", "x_scale"):  # beta is the positive coupling magnitude
+            check_number(owner, name, getattr(self, name), low=0, low_open=True)
+        check_number(owner, "n_sequences", self.n_sequences, low=1, integer=True)
+        check_number(owner, "length", self.length, low=2, integer=True)
+        check_number(owner, "seed", self.seed, low=0, integer=True)
+        check_number(owner, "grid_min", self.grid_min)
+        check_number(owner, "grid_max", self.grid_max, low=self.grid_min, low_open=True)
+        check_number(owner, "grid_points", self.grid_points, low=3, integer=True)
         if len(self.context) < 1:
             raise ValueError("the context needs at least one value")
         self.context = tuple(float(c) for c in self.context)
+        for value in self.context:
+            check_number(owner, "context", value)
 
 
 QUICK = {"n_sequences": 400, "grid_points": 801}
@@ -395,10 +401,10 @@ def run_experiment(config: ScalarGeometryConfig, out: Path, quick: bool = False)
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("results/scalar_geometry"), help="output directory")
+    add_out_flag(parser, Path("results/scalar_geometry"))
     parser.add_argument("--quick", action="store_true",
                         help=f"small population and grid ({QUICK}) for CI; explicit flags override it")
-    parser.add_argument("--context", type=float, nargs="+", default=None,
+    parser.add_argument("--context", type=finite_float, nargs="+", default=None,
                         help=f"fixed context x_<t of Figure 3.2 (default: {' '.join(map(str, DEFAULT_CONTEXT))})")
     add_dataclass_flags(parser, ScalarGeometryConfig, "settings", skip=("context",))
 

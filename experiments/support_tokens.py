@@ -27,6 +27,7 @@ from matplotlib.patches import Rectangle
 from inference.map import TrainedModel, device_name, load_trained
 from prob_attention import log_det_margin, support_tokens
 
+from .flags import add_device_flag, add_out_flag, nonnegative_float, nonnegative_int, positive_int
 from .plots import save
 from .report import markdown_table, provenance, write_json, write_markdown
 from .runs import Stopwatch, resolve_device, split_windows
@@ -38,12 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="trained run directories")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per run (default: CE-only, Margin-only)")
     parser.add_argument("--split", default="val", choices=["val", "test"])
-    parser.add_argument("--window", type=int, default=3, help="which window of the split to draw")
-    parser.add_argument("--tol", type=float, default=0.0, help="support-token tolerance above the sequence margin")
-    parser.add_argument("--max-windows", type=int, default=None, help="windows for the split-wide statistics")
-    parser.add_argument("--row-chars", type=int, default=64, help="characters per row of the heat strip")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("results/support_tokens"))
+    parser.add_argument("--window", type=nonnegative_int, default=3, help="which window of the split to draw")
+    parser.add_argument("--tol", type=nonnegative_float, default=0.0,
+                        help="support-token tolerance above the sequence margin")
+    parser.add_argument("--max-windows", type=positive_int, default=None, help="windows for the split-wide statistics")
+    parser.add_argument("--row-chars", type=positive_int, default=64, help="characters per row of the heat strip")
+    add_device_flag(parser)
+    add_out_flag(parser, Path("results/support_tokens"))
 
 
 @torch.no_grad()

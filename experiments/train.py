@@ -5,10 +5,13 @@ Examples::
     prob-attention train --preset quick                       # about two minutes on a laptop CPU
     prob-attention train --lambda-m 0.02 --run-dir runs/margin
     prob-attention train --run-dir runs/margin --resume       # continue from the last checkpoint
+    prob-attention train --run-dir runs/margin --overwrite    # replace the run there
     torchrun --nproc_per_node 4 -m experiments.train          # data parallel (DDP)
 
 The run directory receives ``config.json``, ``history.json`` (per-epoch metrics), ``curves.png`` and
-``checkpoint/`` (safetensors weights, JSON config and state, written atomically each epoch).
+``checkpoint/`` (safetensors weights, JSON config and state, hashes, written atomically each epoch). It is
+locked while the run trains, and a directory that already holds a run is refused unless ``--resume`` or
+``--overwrite`` says what to do with it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from inference.map import PRESETS, MAPTrainer, PriorConfig, RunConfig, TrainConfig, TrainingDiverged
+from inference.map import PRESETS, MAPTrainer, PriorConfig, RunConfig, TrainConfig
+from inference.map.trainer import CURVES_FILE
 from prob_attention.gpt import GPTConfig
 
-from .flags import add_dataclass_flags, set_fields
+from .flags import add_dataclass_flags, add_progress_flag, set_fields
 from .plots import plot_epoch_curves
+from .runs import RUNS_DIR, default_run_dir
 
 HELP = "train SmallGPT with the embedding prior by MAP through Pyro (Section 7.1)"
 
@@ -37,9 +42,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip_train: tuple[str,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=None,
-                        help="output directory (default runs/<preset>-lambda<lambda_m>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help=f"output directory (default {RUNS_DIR}/<preset>-lambda<lambda_m>)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    existing.add_argument("--overwrite", action="store_true", help="replace the run the run directory holds")
+    parser.add_argument("--fresh-optimizer", action="store_true",
+                        help="resume with a new optimiser and learning-rate schedule (for a checkpoint without "
+                             "optimizer.pt)")
+    add_progress_flag(parser)
     add_config_arguments(parser)
 
 
@@ -55,16 +65,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    run_dir = args.run_dir or Path("runs") / f"{args.preset}-lambda{config.train.lambda_m:g}"
+    if args.fresh_optimizer and not args.resume:
+        raise ValueError("--fresh-optimizer only applies with --resume")
+    run_dir = args.run_dir or default_run_dir(RUNS_DIR, args.preset, config.train.lambda_m)
     trainer = MAPTrainer(config, run_dir, progress=not args.no_progress)
     try:
-        trainer.fit(resume=args.resume)
-    except TrainingDiverged as err:
-        print(f"training diverged: {err}", file=sys.stderr)
-        return 1
+        trainer.fit(resume=args.resume, overwrite=args.overwrite, fresh_optimizer=args.fresh_optimizer)
     finally:
         if trainer.rank == 0 and trainer.history:
-            plot_epoch_curves({"": trainer.history}, run_dir / "curves.png", title=f"{trainer.data.corpus_name}, "
+            plot_epoch_curves({"": trainer.history}, run_dir / CURVES_FILE, title=f"{trainer.data.corpus_name}, "
                                  f"lambda_m = {config.train.lambda_m:g}")
     if trainer.rank == 0:
         print(f"run saved in {run_dir}")
@@ -72,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prob-attention train", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``prob-attention train`` with ``argv`` (for ``torchrun -m experiments.train``)."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
