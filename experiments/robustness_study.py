@@ -48,7 +48,8 @@ import torch
 from inference.map import PRESETS, RunConfig, TrainedModel, device_name, load_trained
 from prob_attention.corpus import window_batches
 
-from .evaluation import embedding_rms
+from .evaluation import NOISE_SEED, embedding_rms
+from .flags import add_device_flag, add_out_flag, add_progress_flag, add_seed_flag, nonnegative_int, positive_int
 from .intervals import Interval, mean_difference, paired_bootstrap, verdict
 from .perturbations import Perturbation, window_bpc
 from .plots import save
@@ -108,25 +109,27 @@ embeddings' RMS), the same as fractions of each model's RMS, and 2, 5 and 10% ty
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
                         help=f"arms to train and score (default: all): {', '.join(ARMS)}")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="the run every arm modifies (default: the paper's 20-epoch configuration)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's; fewer "
-                        "for a cheaper screening study, in its own --runs-dir and --out)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="epochs per run (default: the preset's; fewer for a cheaper screening study, in its own "
+                             "--runs-dir and --out)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/robustness_study"),
                         help="where the study's runs are trained, one folder per arm and seed")
     parser.add_argument("--reuse", type=Path, nargs="*", default=[Path("results/train")],
                         help="folders of finished runs to reuse where the configuration matches exactly")
     parser.add_argument("--no-train", dest="train", action="store_false",
                         help="train nothing: score the finished runs and list the missing ones")
-    parser.add_argument("--draws", type=int, default=3, help="draws per perturbation level")
-    parser.add_argument("--max-windows", type=int, default=None, help="score only the first windows of each split")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws per interval")
-    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the perturbations (shared by all models)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--out", type=Path, default=Path("results/robustness_study"))
+    parser.add_argument("--draws", type=positive_int, default=3, help="draws per perturbation level")
+    parser.add_argument("--max-windows", type=positive_int, default=None,
+                        help="score only the first windows of each split")
+    parser.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap draws per interval")
+    add_seed_flag(parser, "seed of the perturbations, shared by all models", "--noise-seed", NOISE_SEED)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    add_device_flag(parser)
+    add_progress_flag(parser)
+    add_out_flag(parser, Path("results/robustness_study"))
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -309,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             run_dir = run_dir_for(arm, seed, args)
             if args.train and not is_finished(run_dir):
-                ensure_trained(arm.config(seed, args.preset, args.epochs), run_dir, progress=args.progress)
+                ensure_trained(arm.config(seed, args.preset, args.epochs), run_dir, progress=not args.no_progress)
             if not is_finished(run_dir):
                 missing.append(f"{arm.name} seed {seed} ({run_dir})")
                 continue
