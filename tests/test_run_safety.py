@@ -165,6 +165,21 @@ def test_a_run_directory_in_use_is_refused_with_a_clear_error(
     assert [p.name for p in run_copy.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
+def test_two_train_processes_on_one_run_directory_leave_one_complete_run(corpus_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.cli", "train", "--preset", "tiny", "--corpus", str(corpus_dir),
+               "--run-dir", str(run_dir), "--no-progress"]
+    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in processes]
+    assert sorted(p.returncode for p in processes) == [0, 2], errors
+    refused = errors[[p.returncode for p in processes].index(2)]
+    assert "in use by another process" in refused or "already holds a run" in refused
+    assert [r["epoch"] for r in load_trained(run_dir).history] == [1, 2]
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+
+
 def test_the_lock_is_released_when_its_process_is_killed(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from inference.checkpoint import lock_directory\n"
