@@ -314,6 +314,8 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state_unless_told_to_star
     before = snapshot(run_dir)
     with pytest.raises(IncompleteCheckpointError, match="--fresh-optimizer"):
         fit(corpus_dir, run_dir, resume=True)
+    assert train(corpus_dir, run_dir, "--epochs", "3", "--steps-per-epoch", "2", "--resume") == 2
+    assert "has no optimiser state" in one_error_line(capsys, "train")
     assert snapshot(run_dir) == before
     assert train(corpus_dir, run_dir, "--epochs", "3", "--steps-per-epoch", "2", "--resume", "--fresh-optimizer") == 0
     assert "fresh optimiser" in capsys.readouterr().out

@@ -57,7 +57,7 @@ def load_trained(run_dir: str | os.PathLike[str], map_location: str | torch.devi
     saved = read_config(ckpt)
     config, gpt_config, vocab, corpus = _parse_config(saved, ckpt / "config.json")
     net = build_net(config, gpt_config)
-    state, _ = load_checkpoint(ckpt, modules={"net": net}, config=saved, optimizer=False)
+    state, _ = load_checkpoint(ckpt, modules={"net": net}, optimizer=False)
     history = state.get("history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise CheckpointCorruptError(f"{ckpt / 'state.json'}: no training history")

@@ -285,15 +285,16 @@ class MAPTrainer:
         state, optim_state = load_checkpoint(ckpt, modules={"net": self.net}, map_location=self.device,
                                              optimizer=not fresh_optimizer)
         try:
-            self.epoch, self.history = int(state["epoch"]), list(state["history"])
+            epoch, history = int(state["epoch"]), list(state["history"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointCorruptError(f"{ckpt / 'state.json'}: no epoch and history ({err!r})") from err
-        if optim_state is not None:
-            optim.set_state(optim_state)
-        elif not fresh_optimizer and self.epoch < self.config.train.epochs:
+        if optim_state is None and not fresh_optimizer and epoch < self.config.train.epochs:
             raise IncompleteCheckpointError(
                 f"{ckpt} has no optimiser state (optimizer.pt): resuming would restart AdamW and its learning-rate "
                 "schedule at the peak; pass --fresh-optimizer (fresh_optimizer=True) to continue with a new optimiser")
+        if optim_state is not None:
+            optim.set_state(optim_state)
+        self.epoch, self.history = epoch, history
         return True
 
     # ------------------------------------------------------------------ the loop
