@@ -6,8 +6,10 @@ matrices larger than about 130 x 130 race: MKL prints ``Parameter 6 was incorrec
 gradients off by 1e-2, and forward values can be wrong (we measured a relative error of 0.13 on
 ``d = 256`` Jacobian blocks). One thread is always correct, as is every size up to 128 (the training
 prior's 16 x 16 blocks). These functions take the LU factorisation and its solves on one thread
-whenever the matrices are large and torch runs several CPU threads, and call ``torch.linalg`` directly
-otherwise (CUDA, one thread, small matrices). Gradients are first-order only on the guarded path.
+whenever the matrices are large and torch runs several CPU threads. ``solve`` and ``solve_ex`` call
+``torch.linalg`` directly otherwise (CUDA, one thread, small matrices); ``slogdet`` on CPU always takes its
+own LU of ``a^T`` (see :class:`_Slogdet`), whose gradient comes out in the layout the barrier's backward
+reads fastest. Gradients are first-order only on these paths.
 
 ``tests/test_linalg.py`` checks both, values and gradients, against float64 ``torch.linalg`` run on one
 thread (with two, torch's own result is the one that is wrong). Not guarded: ``eigvals`` and ``svdvals``
@@ -18,10 +20,11 @@ routines and agree with one thread (checked in the tests).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["slogdet", "solve", "solve_ex", "THREADED_LU_MAX"]
 
@@ -46,21 +49,27 @@ def _one_thread() -> Iterator[None]:
 
 def _lu(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(LU, pivots, info)``; ``info > 0`` marks a singular matrix (a zero on U's diagonal)."""
-    with _one_thread():
+    with _one_thread() if _guarded(a) else nullcontext():
         return torch.linalg.lu_factor_ex(a)
 
 
 def _lu_solve(lu: Tensor, pivots: Tensor, b: Tensor, adjoint: bool = False) -> Tensor:
-    with _one_thread():
+    with _one_thread() if _guarded(lu) else nullcontext():
         return torch.linalg.lu_solve(lu, pivots, b, adjoint=adjoint)
 
 
-class _SlogdetOneThread(torch.autograd.Function):
-    """``(sign, log|det a|)`` from an LU factorisation; backward ``d log|det a| / da = a^{-T}``."""
+class _Slogdet(torch.autograd.Function):
+    """``(sign, log|det a|)`` from an LU factorisation of ``a^T``; backward ``d log|det a| / da = a^{-T}``.
+
+    ``det a^T = det a``. LAPACK works on column-major matrices, which ``a^T`` is for a row-major ``a``: its
+    factorisation starts from a plain copy, and the adjoint solve against its factors gives ``a^{-1}``
+    column-major, i.e. the gradient ``a^{-T}`` row-major, the layout the ops downstream read fastest
+    (``torch.linalg.slogdet`` transposes on the way in and returns a column-major gradient).
+    """
 
     @staticmethod
     def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        lu, pivots, _ = _lu(a)  # a singular matrix: sign 0, log|det| = -inf, as torch.linalg.slogdet
+        lu, pivots, _ = _lu(a.mT)  # a singular matrix: sign 0, log|det| = -inf, as torch.linalg.slogdet
         diag = lu.diagonal(dim1=-2, dim2=-1)
         steps = torch.arange(1, a.shape[-1] + 1, device=a.device, dtype=pivots.dtype)
         swaps = (pivots != steps).sum(-1)
@@ -70,10 +79,12 @@ class _SlogdetOneThread(torch.autograd.Function):
         return sign, diag.abs().log().sum(-1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, _grad_sign: Tensor, grad_logabs: Tensor) -> Tensor:  # type: ignore[override]
         lu, pivots = ctx.saved_tensors
         eye = torch.eye(lu.shape[-1], dtype=lu.dtype, device=lu.device).expand_as(lu)
-        return grad_logabs[..., None, None] * _lu_solve(lu, pivots, eye, adjoint=True)
+        inverse = _lu_solve(lu, pivots, eye, adjoint=True)  # (a^T)^{-T} = a^{-1}, column-major
+        return inverse.mT * grad_logabs[..., None, None]
 
 
 class _SolveOneThread(torch.autograd.Function):
@@ -97,7 +108,7 @@ class _SolveOneThread(torch.autograd.Function):
 
 def slogdet(a: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.slogdet(a)`` (``(sign, log|det|)`` of ``(..., n, n)``), safe on multi-threaded CPU."""
-    return _SlogdetOneThread.apply(a) if _guarded(a) else torch.linalg.slogdet(a)
+    return _Slogdet.apply(a) if a.device.type == "cpu" else torch.linalg.slogdet(a)
 
 
 def solve(a: Tensor, b: Tensor) -> Tensor:
