@@ -7,8 +7,11 @@ per-position features of shape ``(..., S, n)``, and returns one statistic per qu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["weighted_mean", "weighted_cross_covariance", "weighted_covariance", "weighted_variance", "attention_entropy"]
 
@@ -21,18 +24,63 @@ def weighted_mean(alpha: Tensor, a: Tensor) -> Tensor:
 def weighted_cross_covariance(alpha: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``C_t = sum_s alpha_ts (a_s - abar_t)(b_s - bbar_t)^T`` with ``abar_t = sum_s alpha_ts a_s``.
 
-    Shapes ``alpha (..., T, S)``, ``a (..., S, n)``, ``b (..., S, m)`` -> ``(..., T, n, m)``.
-    Computed from second moments about the sequence mean (the covariance is shift-invariant, and the
-    shift removes most of the cancellation of ``E[ab^T] - E[a]E[b]^T`` in float32). Rows of ``alpha``
-    that are all zero (no context) give a zero matrix.
+    Shapes ``alpha (..., T, S)``, ``a (..., S, n)``, ``b (..., S, m)`` -> ``(..., T, n, m)`` (leading
+    dimensions broadcast). Computed from second moments about the sequence mean (the covariance is
+    shift-invariant, and the shift removes most of the cancellation of ``E[ab^T] - E[a]E[b]^T`` in
+    float32), with the closed-form backward of :class:`_CrossSecondMoments`. Rows of ``alpha`` that are
+    all zero (no context) give a zero matrix.
     """
     a = a - a.mean(dim=-2, keepdim=True)
     b = b - b.mean(dim=-2, keepdim=True)
-    n, m = a.shape[-1], b.shape[-1]
-    outer = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)  # (..., S, n*m)
-    second = (alpha @ outer).unflatten(-1, (n, m))  # (..., T, n, m)
-    abar, bbar = alpha @ a, alpha @ b  # (..., T, n), (..., T, m)
-    return second - abar.unsqueeze(-1) * bbar.unsqueeze(-2)
+    batch = torch.broadcast_shapes(alpha.shape[:-2], a.shape[:-2], b.shape[:-2])
+
+    def flat(t: Tensor) -> Tensor:  # (*batch, r, c) -> (prod(batch), r, c); a copy only where t broadcasts
+        return t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+
+    cov = _CrossSecondMoments.apply(flat(alpha), flat(a), flat(b))
+    return cov.view(*batch, *cov.shape[-3:])
+
+
+class _CrossSecondMoments(torch.autograd.Function):
+    r"""``C_t = sum_s alpha_ts a_s b_s^T - abar_t bbar_t^T`` (eq. 13 before centring), with its backward in closed form.
+
+    Shapes ``alpha (B, T, S)``, ``a (B, S, n)``, ``b (B, S, m)`` -> ``(B, T, n, m)``. Forward: one GEMM
+    ``alpha @ [a_s b_s^T]_s`` over the flattened per-key outer products. Backward, with ``G_t = dL/dC_t``,
+    ``u_t = G_t bbar_t``, ``w_t = G_t^T abar_t`` and ``P_s = sum_t alpha_ts G_t``::
+
+        dL/dalpha_ts = a_s^T G_t b_s - a_s . u_t - b_s . w_t
+        dL/da_s      = P_s b_s   - sum_t alpha_ts u_t
+        dL/db_s      = P_s^T a_s - sum_t alpha_ts w_t
+
+    two GEMMs of the forward's size (``G @ outer^T``, ``alpha^T @ G``) and small ones, and no temporary
+    larger than ``(B, T, n m)``: autograd through the broadcast outer product allocates and reduces several
+    such gradients. First-order only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, alpha: Tensor, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        n, m = a.shape[-1], b.shape[-1]
+        outer = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)  # (B, S, n*m)
+        abar, bbar = alpha @ a, alpha @ b  # (B, T, n), (B, T, m)
+        ctx.save_for_backward(alpha, a, b, outer, abar, bbar)
+        second = (alpha @ outer).unflatten(-1, (n, m))  # (B, T, n, m)
+        return second.addcmul_(abar.unsqueeze(-1), bbar.unsqueeze(-2), value=-1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        alpha, a, b, outer, abar, bbar = ctx.saved_tensors
+        grad = grad.contiguous()  # (B, T, n, m)
+        u = (grad @ bbar.unsqueeze(-1)).squeeze(-1)  # G_t bbar_t, (B, T, n)
+        w = (abar.unsqueeze(-2) @ grad).squeeze(-2)  # G_t^T abar_t, (B, T, m)
+        grad_alpha = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_alpha = (grad.flatten(-2) @ outer.mT).baddbmm_(u, a.mT, alpha=-1.0).baddbmm_(w, b.mT, alpha=-1.0)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            p = (alpha.mT @ grad.flatten(-2)).unflatten(-1, grad.shape[-2:])  # P_s, (B, S, n, m)
+            grad_a = (p @ b.unsqueeze(-1)).squeeze(-1).baddbmm_(alpha.mT, u, alpha=-1.0)
+            grad_b = (a.unsqueeze(-2) @ p).squeeze(-2).baddbmm_(alpha.mT, w, alpha=-1.0)
+        return grad_alpha, grad_a, grad_b
 
 
 def weighted_covariance(alpha: Tensor, a: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from prob_attention.statistics import weighted_variance
 from prob_attention import (
     CausalAttentionTransform,
     EmbeddingPrior,
@@ -24,6 +23,7 @@ from prob_attention import (
     spectral_margin,
     support_tokens,
 )
+from prob_attention.statistics import weighted_cross_covariance, weighted_variance
 
 
 def grid_sequences(t_len: int, lo: float, hi: float, n: int):
@@ -259,3 +259,33 @@ def test_the_prior_expands_inside_a_pyro_plate(float64):
     assert site["value"].shape == (5, 4, 3) and isinstance(site["fn"], EmbeddingPrior)
     torch.testing.assert_close(site["fn"].log_prob(site["value"]), prior.log_prob(site["value"]))
     torch.testing.assert_close(site["fn"].barrier(site["value"]), prior.barrier(site["value"]))
+
+
+def _cross_covariance_by_autograd(alpha, a, b):
+    """``sum_s alpha_ts a_s b_s^T - abar_t bbar_t^T`` about the sequence mean, every step through autograd (the
+    formula before its closed-form backward; for rows of ``alpha`` summing to one it is the covariance)."""
+    a, b = a - a.mean(-2, keepdim=True), b - b.mean(-2, keepdim=True)
+    second = torch.einsum("...ts,...sn,...sm->...tnm", alpha, a, b)
+    return second - (alpha @ a).unsqueeze(-1) * (alpha @ b).unsqueeze(-2)
+
+
+def test_weighted_cross_covariance_and_its_backward_equal_the_formula_by_autograd(float64):
+    """The closed-form backward of the attention-weighted covariance (eq. 13): values and gradients in ``alpha``,
+    ``a``, ``b`` as plain autograd of the same formula, with broadcast heads and an empty row; values as the
+    definition; and gradcheck."""
+    torch.manual_seed(0)
+    alpha = torch.softmax(torch.randn(2, 1, 5, 6), -1)
+    alpha[..., 0, :] = 0.0  # a position without context
+    alpha.requires_grad_()
+    a = (torch.randn(2, 3, 6, 3) + 4.0).requires_grad_()  # an offset, as embeddings carry
+    b = torch.randn(1, 3, 6, 2, requires_grad=True)
+    cov, want = weighted_cross_covariance(alpha, a, b), _cross_covariance_by_autograd(alpha, a, b)
+    torch.testing.assert_close(cov, want)
+    deviations = (a.unsqueeze(-3) - (alpha @ a).unsqueeze(-2), b.unsqueeze(-3) - (alpha @ b).unsqueeze(-2))
+    torch.testing.assert_close(cov, torch.einsum("...ts,...tsn,...tsm->...tnm", alpha, *deviations))  # the definition
+    assert (cov[..., 0, :, :] == 0).all()
+    probe = torch.randn_like(want)
+    for got, ref in zip(torch.autograd.grad((probe * cov).sum(), (alpha, a, b)),
+                        torch.autograd.grad((probe * want).sum(), (alpha, a, b))):
+        torch.testing.assert_close(got, ref)
+    assert torch.autograd.gradcheck(weighted_cross_covariance, (alpha, a, b))
