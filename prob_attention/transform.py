@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -68,7 +69,7 @@ class AttentionState:
     """One pass of the attention prior over a sequence; queries are the positions ``start..S-1``.
 
     Shapes: ``alpha (N, H, Tq, S)``, ``q (N, H, Tq, d_k)``, ``k (N, H, S, d_k)``, ``v (N, H, S, d_v)``,
-    ``context (N, Tq, d)``, ``x (N, S, d)``.
+    ``x (N, S, d)``; ``w_o`` is the output projection ``(H, d, d_v)``, or ``None`` (heads averaged).
     """
 
     x: Tensor
@@ -77,7 +78,18 @@ class AttentionState:
     q: Tensor
     k: Tensor
     v: Tensor
-    context: Tensor
+    w_o: Tensor | None
+
+    @cached_property
+    def context(self) -> Tensor:
+        """``c_t = sum_h W_o^h sum_s alpha^h_ts v^h_s`` (eq. 4), shape ``(N, Tq, d)``.
+
+        Computed on first use: the margin barrier does not read it.
+        """
+        heads = self.alpha @ self.v  # (N, H, Tq, d_v)
+        if self.w_o is None:
+            return heads.mean(dim=1)  # W_o^h = I / H
+        return torch.einsum("hdv,nhtv->ntd", self.w_o, heads)
 
     @property
     def self_weight(self) -> Tensor:
@@ -227,12 +239,7 @@ class CausalAttentionTransform(TransformModule):
         allowed = allowed | ~has_context[:, None]  # keep the first row finite, zeroed below
         scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (N, H, Tq, S)
         alpha = torch.softmax(scores, dim=-1) * has_context[:, None].to(x.dtype)
-        heads = alpha @ v  # (N, H, Tq, d_v)
-        if self.w_o is None:
-            context = heads.mean(dim=1)  # (N, Tq, d)
-        else:
-            context = torch.einsum("hdv,nhtv->ntd", self.w_o, heads)
-        return AttentionState(x=x, start=start, alpha=alpha, q=q, k=k, v=v.expand(n, self.n_heads, -1, -1), context=context)
+        return AttentionState(x=x, start=start, alpha=alpha, q=q, k=k, v=v.expand(n, self.n_heads, -1, -1), w_o=self.w_o)
 
     def _flat(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         self.validate_embeddings(x)
@@ -263,10 +270,11 @@ class CausalAttentionTransform(TransformModule):
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
         return eye - mixed
 
-    def _sylvester_matrix(self, state: AttentionState) -> tuple[Tensor, Tensor]:
+    def _sylvester_matrix(self, state: AttentionState) -> tuple[Tensor | None, Tensor]:
         """``(D_t, M_t)`` with ``det J_tt = D_t^d det(I_r - M_t / D_t)`` (Sylvester), ``M_t = W^T U``.
 
-        Strict: ``M^{hg} = W_q^h W_o^g W_v^g Sigma^g W_k^gT = Cov_{alpha^g}(W_q^h W_o^g v^g, k^g)``, ``D = 1``.
+        Strict: ``M^{hg} = W_q^h W_o^g W_v^g Sigma^g W_k^gT = Cov_{alpha^g}(W_q^h W_o^g v^g, k^g)``, ``D = 1``
+        (returned as ``None``).
         Current position included (no projections), with ``U^g = [Sigma'^g W_k^gT | a^g (x_t - mu'^g)] / H``,
         ``W^h = [W_q^hT | W_k^hT q^h_t]`` and ``D = 1 - mean_h a^h_tt`` (FORMULAS.md, Appendix A).
         """
@@ -277,7 +285,7 @@ class CausalAttentionTransform(TransformModule):
         if not self.include_current:
             left = torch.einsum("hkd,gdv,ngsv->nhgsk", self.w_q, self._output_map(), v)  # (N, H, G, S, d_k)
             blocks = weighted_cross_covariance(alpha_g, left, k_g)  # (N, H, G, Tq, d_k, d_k)
-            ones = torch.ones(n, tq, dtype=alpha.dtype, device=alpha.device)
+            d_t = None
         else:
             qk_all = torch.cat([state.x.unsqueeze(1) @ self.w_q.transpose(-1, -2), k], dim=-1)  # (N, H, S, 2d_k)
             feats = qk_all.unsqueeze(2)  # (N, H, 1, S, 2d_k): features of head h
@@ -289,10 +297,10 @@ class CausalAttentionTransform(TransformModule):
             q_h = q.unsqueeze(2).unsqueeze(-2)  # (N, H, 1, Tq, 1, d_k)
             bottom = q_h @ torch.cat([cov[..., self.head_dim :, :], dev[..., self.head_dim :, None]], dim=-1)
             blocks = torch.cat([top, bottom], dim=-2) / h  # (N, H, G, Tq, d_k+1, d_k+1)
-            ones = 1.0 - state.self_weight.mean(dim=1)  # D_t, (N, Tq)
+            d_t = 1.0 - state.self_weight.mean(dim=1)  # (N, Tq)
         b = blocks.shape[-1]
         m = blocks.permute(0, 3, 1, 4, 2, 5).reshape(n, tq, h * b, h * b)  # (N, Tq, r, r)
-        return ones, m
+        return d_t, m
 
     def log_abs_det_blocks(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, Tensor]:
         """``(log|det J_tt|, sign det J_tt)`` per position, shapes ``batch x T``: the margin barrier's terms.
@@ -308,9 +316,10 @@ class CausalAttentionTransform(TransformModule):
             if self.uses_sylvester:
                 d_t, m = self._sylvester_matrix(state)
                 eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-                sign, logabs = slogdet(eye - m / d_t[..., None, None])
-                logabs = logabs + self.dim * torch.log(d_t.abs())
-                sign = sign * torch.sign(d_t) ** self.dim
+                sign, logabs = slogdet(eye - (m if d_t is None else m / d_t[..., None, None]))
+                if d_t is not None:
+                    logabs = logabs + self.dim * torch.log(d_t.abs())
+                    sign = sign * torch.sign(d_t) ** self.dim
             else:
                 sign, logabs = slogdet(self.jacobian_blocks(state))
         return logabs.reshape(*batch, -1), sign.reshape(*batch, -1)
