@@ -207,7 +207,7 @@ def population(config: ScalarGeometryConfig, beta: float) -> dict[str, Tensor]:
     margin = scalar_margin(x, beta)
     excluded = (margin <= 0).any(-1)
     with torch.no_grad():
-        prior = EmbeddingPrior(transform_for(beta), seq_len=config.length, sigma=config.sigma)
+        prior = EmbeddingPrior(transform_for(beta), seq_len=config.length, sigma=config.sigma, validate_args=False)
         log_p = prior.log_prob(x[..., None])
     log_p = torch.where(excluded, torch.full_like(log_p, -math.inf), log_p)
     return {"x": x, "variance": attention_variance(x, beta), "margin": margin, "excluded": excluded,

@@ -87,8 +87,8 @@ class TrajectoryModel:
         transform: the prior's causal-attention bijector.
         sigma: latent noise scale of the prior.
         tau: scale of the emission ``embed(y)_t ~ N(x_t, tau^2 I)``.
-        barrier_floor: the safeguard floor of the margins the posterior reports (:class:`PriorTerms`);
-            the trained run's ``PriorConfig.barrier_floor``. The density itself stays exact.
+        barrier_floor: the trained run's ``PriorConfig.barrier_floor``: the floor of the margins the posterior
+            reports (:class:`PriorTerms`) and of the prior the model scores ``x`` with (:meth:`prior`).
     """
 
     gpt: SmallGPT
@@ -135,13 +135,18 @@ class TrajectoryModel:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
 
     def prior(self, seq_len: int) -> EmbeddingPrior:
-        """The (exact) embedding prior over ``seq_len`` positions with this model's ``sigma``."""
-        return EmbeddingPrior(self.transform, seq_len, self.sigma)
+        """The embedding prior over ``seq_len`` positions with this model's ``sigma`` and ``barrier_floor``.
+
+        Exact where every ``det J_tt > barrier_floor``; below the floor ``log det J_tt`` goes on along its tangent
+        line, so a guide's draw inside a fold (outside the exact prior's support, where its density is zero) scores
+        a finite, steep penalty instead of ``-inf``, and the ELBO's gradient pushes the guide out of the fold
+        (an autoguide cannot be confined to the support). Draws from the prior itself stay on it.
+        """
+        return EmbeddingPrior(self.transform, seq_len, self.sigma, barrier_floor=self.barrier_floor)
 
     def margins(self, x: Tensor, start: int = 0) -> Tensor:
         """Safeguarded ``log det J_tt`` of positions ``start..`` of trajectories ``x`` ``(..., S, d)``."""
-        prior = EmbeddingPrior(self.transform, x.shape[-2], self.sigma, barrier_floor=self.barrier_floor)
-        return prior.position_terms(x, start=start).log_det
+        return self.prior(x.shape[-2]).position_terms(x, start=start).log_det
 
     def next_char_logits(self, x: Tensor) -> Tensor:
         """``decode(x)``: ``(..., T, d) -> (..., T, V)``, any leading batch shape."""

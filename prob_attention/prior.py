@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from pyro.distributions import Normal, TransformedDistribution
 from torch import Tensor
+from torch.distributions import constraints
 
 from .linalg import slogdet
 from .margins import safe_log_barrier
@@ -21,10 +22,11 @@ class PriorTerms(NamedTuple):
     ``log p(x_t | x_{<t}) = residual_t + log_det_t``:
 
     - ``residual``: ``log N(z_t; 0, sigma^2 I)`` with ``z_t = x_t - c_t(x)``, the Gaussian term;
-    - ``log_det``: ``log|det J_tt|``, the position's margin-barrier term, continued by its tangent line below
-      the prior's ``barrier_floor`` when it has one (:func:`~prob_attention.safe_log_barrier`);
+    - ``log_det``: ``log det J_tt``, the position's margin-barrier term: ``-inf`` where ``det J_tt <= 0`` (outside
+      the support, where the map folds), or, when the prior has a ``barrier_floor``, continued by its tangent line
+      below the floor (:func:`~prob_attention.safe_log_barrier`), finite everywhere;
     - ``clamped``: the positions where that continuation is used (``det J_tt <= barrier_floor``); without a
-      floor, the positions with ``det J_tt <= 0``, where the map folds.
+      floor, the positions outside the support (``det J_tt <= 0``).
     """
 
     residual: Tensor
@@ -49,6 +51,17 @@ class EmbeddingPrior(TransformedDistribution):
     is a Pyro distribution, usable in ``pyro.sample`` (``rsample`` solves ``z -> x``) and, through
     :meth:`barrier`, in ``pyro.factor`` for the paper's margin-only MAP objective.
 
+    Support: the regular trajectories, ``det J_tt > 0`` at every position (the paper excludes configurations past
+    the degeneracy boundary; :attr:`support`). Outside it the change-of-variables formula is no density, and the
+    exact prior's :meth:`log_prob` is ``-inf`` there, or raises ``ValueError`` naming the batch element and position
+    while validation is on (Pyro's and torch's default). Inside it, ``log_prob`` is eq. 11. It is normalised where
+    the map is one-to-one on the support, guaranteed for the global diffeomorphism of
+    :class:`CausalAttentionTransform` (repulsive coupling, one head, values ``= x``, strict causality); where the map
+    folds, several regular ``x`` share one ``z`` and eq. 11 over the support integrates to more than one (one
+    plus the mass of the latents with folded preimages), while :meth:`sample` returns one regular preimage per
+    ``z`` (or raises :class:`~prob_attention.InversionError` where it finds none; :meth:`lost_mass` estimates how
+    often).
+
     Args:
         transform: the attention bijector (holds the learnable parameters; register it with
             ``pyro.module``).
@@ -57,7 +70,8 @@ class EmbeddingPrior(TransformedDistribution):
         barrier_floor: ``None`` (default) for the exact density; a positive determinant below which every
             ``log det J_tt`` is continued by its tangent line (:func:`~prob_attention.safe_log_barrier`), so
             that :meth:`log_prob` stays finite and differentiable past the degeneracy boundary. That is the
-            MAP training objective's prior (``PriorConfig.barrier_floor``), not a normalised density.
+            MAP training objective's prior (``PriorConfig.barrier_floor``), not a normalised density; its
+            support is all of ``R^{T x d}`` (Pyro's autoguides can fit it).
 
     Example:
         >>> import torch
@@ -95,6 +109,14 @@ class EmbeddingPrior(TransformedDistribution):
         new.transform, new.sigma, new.barrier_floor = self.transform, self.sigma, self.barrier_floor
         return new
 
+    @constraints.dependent_property(is_discrete=False, event_dim=2)
+    def support(self) -> constraints.Constraint:  # type: ignore[override]
+        """Where :meth:`log_prob` is finite: the transform's ``codomain`` for the exact prior (every ``det J_tt > 0``,
+        or ``R^{T x d}`` for a global diffeomorphism), ``R^{T x d}`` with a ``barrier_floor``."""
+        if self.barrier_floor is not None:
+            return constraints.independent(constraints.real, 2)
+        return self.transform.codomain
+
     def position_terms(self, x: Tensor, start: int = 0) -> PriorTerms:
         """The prior's factors of positions ``start..S-1`` of ``x`` (``batch x S x d``), one attention pass.
 
@@ -119,22 +141,50 @@ class EmbeddingPrior(TransformedDistribution):
         """
         logabs, sign = self.transform.log_abs_det_blocks(x, state)
         if self.barrier_floor is None:
-            return logabs, sign <= 0
+            folded = sign <= 0
+            return logabs.masked_fill(folded, float("-inf")), folded
         return safe_log_barrier(logabs, sign, self.barrier_floor)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """``log p(x) = sum_t log p(x_t | x_{<t})`` (eq. 11), shape ``batch``.
+        """``log p(x) = sum_t log p(x_t | x_{<t})`` (eq. 11), shape ``batch``: ``-inf`` outside the support for the
+        exact prior, which raises ``ValueError`` there instead while validation is on; finite everywhere with a
+        ``barrier_floor``.
 
         Computed from one attention pass over ``x`` (no ``z`` is cached between calls, so the value always
         belongs to the transform's current parameters).
         """
         if self._validate_args:
-            self._validate_sample(x)
-        return self.position_terms(x).log_density.sum(-1)
+            self.base_dist._validate_sample(x)  # shape and finiteness; the support from the terms below
+        terms = self.position_terms(x)
+        if self._validate_args and self.barrier_floor is None and bool(terms.clamped.any()):
+            *element, t = (int(i) for i in terms.clamped.nonzero()[0])
+            where = f"x[{', '.join(map(str, element))}]" if element else "x"
+            raise ValueError(
+                f"{where} is outside the prior's support: det J_tt <= 0 at position t={t}, where the attention "
+                f"map folds and the change-of-variables formula is no density (log_prob is -inf there with "
+                f"validation off; an EmbeddingPrior with a barrier_floor continues it finitely)"
+            )
+        return terms.log_density.sum(-1)
 
     def barrier(self, x: Tensor) -> Tensor:
-        """The margin barrier ``sum_t log|det J_tt|`` (eq. 11, 12), shape ``batch``."""
+        """The margin barrier ``sum_t log det J_tt`` (eq. 11, 12), shape ``batch`` (:class:`PriorTerms`: ``-inf``
+        outside the support, or continued below the ``barrier_floor``)."""
         return self.log_det_terms(x)[0].sum(-1)
+
+    @torch.no_grad()
+    def lost_mass(self, num_samples: int) -> float:
+        """The fraction of ``num_samples`` latent draws ``z ~ N(0, sigma^2 I)`` for which ``z -> x`` finds no root
+        on the regular branch: a Monte Carlo estimate (standard error ``sqrt(p (1 - p) / n)``) of the prior mass
+        that :meth:`sample` cannot deliver (it raises :class:`~prob_attention.InversionError` on such a ``z``).
+
+        Zero for the global diffeomorphism (by theorem, without solving); under strict causality every ``z`` has a
+        regular preimage almost surely, so what it counts are the solver's misses; with ``include_current=True``
+        also the latents with no preimage at all.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        z = self.base_dist.sample((num_samples,))
+        return float((~self.transform.domain.check(z)).double().mean())
 
     def residual_log_prob(self, x: Tensor) -> Tensor:
         """The Gaussian term ``log N(x - c(x); 0, sigma^2 I)`` alone, shape ``batch``."""
@@ -148,6 +198,10 @@ class EmbeddingPrior(TransformedDistribution):
 
 def conditional_log_prob(transform: CausalAttentionTransform, prefix: Tensor, x_t: Tensor, sigma: float) -> Tensor:
     """``log p(x_t | x_{<t}) = log N(z_t; 0, sigma^2 I) + log|det J_tt|`` (the position-t factor of eq. 11).
+
+    This is the change-of-variables formula itself, also past the degeneracy boundary: a conditional density only
+    where ``det J_tt > 0`` (the prior's support; :meth:`EmbeddingPrior.log_prob` is ``-inf`` elsewhere), kept finite
+    beyond it to show how the formula overcounts where the map folds (Figure 3.2).
 
     Args:
         prefix: the context ``x_{<t}``, shape ``(t, d)`` (``t >= 0``).

@@ -49,7 +49,7 @@ from typing import Literal
 import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution, Transform, biject_to, constraints, transform_to
 
 from .linalg import slogdet, solve, solve_ex
 from .statistics import weighted_cross_covariance, weighted_mean
@@ -58,6 +58,12 @@ __all__ = ["CausalAttentionTransform", "AttentionState", "InversionError", "Coup
 
 Coupling = Literal["free", "repulsive", "barrier"]
 LogdetMethod = Literal["auto", "sylvester", "full"]
+
+_CONTINUATION_STEPS = 200  # pseudo-arclength steps per position before z -> x gives a row up
+_CORRECTOR_ITERATIONS = 4  # Newton iterations of each continuation step
+_SMALLEST_STEP = 1e-6  # continuation step, relative to 1 + |z_t|, below which a row is given up
+_LARGEST_TURN = 0.9  # cosine of the largest angle between the tangents of two continuation steps
+_FARTHEST = 1e6  # |x - z_t|, relative to 1 + |z_t|, beyond which a continuation path is taken to escape
 
 
 class InversionError(RuntimeError):
@@ -101,6 +107,32 @@ class AttentionState:
 class CausalAttentionTransform(TransformModule):
     """Causal self-attention as a bijector on sequences, event shape ``(T, d)``.
 
+    Its support is the regular trajectories, ``det J_tt > 0`` at every position (the paper excludes the
+    configurations past the degeneracy boundary ``det J_tt = 0``). ``x -> z`` (``_inverse``) is explicit everywhere;
+    ``z -> x`` (``_call``) returns a root on the regular branch, or raises :class:`InversionError` naming the position
+    where it found none. What each option mix guarantees:
+
+    - ``coupling="repulsive"``, one head, values ``= x`` (no projections), strict causality
+      (:attr:`is_diffeomorphism`): ``J_tt = I - Sigma_t A`` with ``A = -W_k^T W_k <= 0``, so every eigenvalue of ``J_tt``
+      is at least 1 and ``det J_tt >= 1``. ``x -> z`` is proper, hence (Hadamard) a global diffeomorphism of
+      ``R^{T x d}``: ``bijective``, ``domain = codomain = R^{T x d}``, and the prior is normalised.
+    - Strict causality otherwise: ``c_t`` is a convex combination of past values, so ``x_t -> z_t`` is proper of degree
+      one and almost every ``z_t`` has a preimage on the regular branch (regular preimages outnumber folded ones by
+      one), which the continuation of :meth:`solve_position` reaches. Where the map folds a ``z`` has several regular
+      preimages, though: ``x -> z`` takes the support onto (almost) all of ``R^{T x d}``, a local diffeomorphism but not
+      one-to-one. Not ``bijective``: ``T.inv(T(z)) = z``, but ``T(T.inv(x)) = x`` only where ``x`` is the preimage
+      the solver picks (at each position, Newton's root from ``z_t`` if regular).
+    - ``include_current=True``: ``c_t`` holds ``alpha_tt W_o W_v x_t``, which grows with ``x_t``, so some ``z`` have no
+      preimage at all (one head, ``d = 1``: ``z_2 = alpha_21 (x_2 - x_1)`` is bounded) and the sampler loses mass
+      (:meth:`EmbeddingPrior.lost_mass`); the solver may also miss a preimage after picking another regular root at
+      an earlier position. Nothing more is guaranteed.
+
+    Pyro's claims follow: ``domain`` is ``R^{T x d}`` for the diffeomorphism, else the latents whose ``z -> x`` solve
+    succeeds (its ``check`` runs the solver); ``codomain`` is ``R^{T x d}`` for the diffeomorphism, else the regular
+    trajectories (its ``check`` reads the signs of ``det J_tt``). No bijection from ``R^{T x d}`` onto those is known,
+    so Pyro's autoguides cannot parametrize them: fit guides against an
+    :class:`~prob_attention.EmbeddingPrior` with a ``barrier_floor`` (support ``R^{T x d}``).
+
     Args:
         dim: embedding dimension ``d``.
         n_heads: number of heads ``H``.
@@ -111,18 +143,14 @@ class CausalAttentionTransform(TransformModule):
         include_current: attend to ``s <= t`` (Appendix A) instead of ``s < t``.
         coupling: ``"free"`` (independent ``W_q, W_k``), ``"repulsive"`` (``W_q = -W_k``, so
             ``A = W_k^T W_q`` is negative semi-definite) or ``"barrier"`` (``W_q = W_k``, ``A >= 0``:
-            the paper's positive-coupling regime, Section 3.4). With one head, no projections and strict
-            causality, ``"repulsive"`` makes every ``det J_tt >= 1``: the map is a global diffeomorphism
-            (Hadamard) and the prior is normalized. The guarantee is not claimed for other options.
+            the paper's positive-coupling regime, Section 3.4); what each guarantees is listed above.
         logdet: ``"sylvester"``, ``"full"`` or ``"auto"`` (Sylvester whenever it is available and smaller).
         init_scale: standard deviation of the initial weights (default ``d ** -0.5``).
         newton_tol: relative tolerance of the ``z -> x`` solve (default: ``1e3 * eps`` of the dtype).
-        newton_max_iter: Newton iterations per position before :class:`InversionError`.
+        newton_max_iter: Newton iterations from each start (:meth:`solve_position`).
+        cache_size: Pyro's cache of the last ``(z, x)`` pair. ``0`` (default) computes every call afresh; ``1`` hands
+            back the cached partner of the very tensor last passed, which is stale once the parameters change.
     """
-
-    domain = constraints.independent(constraints.real, 2)
-    codomain = constraints.independent(constraints.real, 2)
-    bijective = True
 
     def __init__(
         self,
@@ -138,14 +166,19 @@ class CausalAttentionTransform(TransformModule):
         init_scale: float | None = None,
         newton_tol: float | None = None,
         newton_max_iter: int = 50,
-        cache_size: int = 1,
+        cache_size: int = 0,
     ) -> None:
         super().__init__(cache_size=cache_size)
-        if n_heads < 1:
-            raise ValueError(f"n_heads must be positive, got {n_heads}")
+        if dim < 1 or n_heads < 1:
+            raise ValueError(f"dim and n_heads must be positive, got dim={dim}, n_heads={n_heads}")
+        if head_dim is None and n_heads > dim:
+            raise ValueError(f"head_dim defaults to dim // n_heads, which is 0 for dim={dim} and n_heads={n_heads}: "
+                             f"give head_dim, or use at most {dim} heads")
         head_dim = head_dim if head_dim is not None else dim // n_heads
-        if dim < 1 or head_dim < 1:
-            raise ValueError(f"dim, n_heads and head_dim must be positive, got {dim}, {n_heads}, {head_dim}")
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
+        if newton_max_iter < 1 or (newton_tol is not None and not newton_tol > 0):
+            raise ValueError(f"newton_max_iter and newton_tol must be positive, got {newton_max_iter}, {newton_tol}")
         if coupling not in ("free", "repulsive", "barrier"):
             raise ValueError(f"coupling must be 'free', 'repulsive' or 'barrier', got {coupling!r}")
         if logdet not in ("auto", "sylvester", "full"):
@@ -194,6 +227,28 @@ class CausalAttentionTransform(TransformModule):
             return self.has_sylvester and self.sylvester_rank < self.dim
         return self.logdet == "sylvester"
 
+    @property
+    def is_diffeomorphism(self) -> bool:
+        """Whether the options guarantee ``det J_tt >= 1`` everywhere, so that ``x -> z`` is a global diffeomorphism:
+        repulsive coupling, one head, values ``= x`` and strict causality (class docstring)."""
+        return (self.coupling == "repulsive" and self.n_heads == 1 and self.w_v is None and self.w_o is None
+                and not self.include_current)
+
+    @property
+    def bijective(self) -> bool:  # type: ignore[override]
+        """Pyro's claim ``T.inv(T(z)) = z`` and ``T(T.inv(x)) = x`` everywhere: true for :attr:`is_diffeomorphism` only."""
+        return self.is_diffeomorphism
+
+    @property
+    def domain(self) -> constraints.Constraint:  # type: ignore[override]
+        """The latents ``z`` ``(..., T, d)`` that ``z -> x`` maps: ``R^{T x d}``, or those whose solve succeeds."""
+        return constraints.independent(constraints.real, 2) if self.is_diffeomorphism else _SolvableLatents(self)
+
+    @property
+    def codomain(self) -> constraints.Constraint:  # type: ignore[override]
+        """The trajectories ``x`` ``(..., T, d)`` that ``z -> x`` returns: ``R^{T x d}``, or those with every ``det J_tt > 0``."""
+        return constraints.independent(constraints.real, 2) if self.is_diffeomorphism else _RegularTrajectories(self)
+
     def _output_map(self) -> Tensor:
         """``W_o^h``, shape ``(H, d, d_v)``; ``I / H`` without an output projection."""
         if self.w_o is not None:
@@ -210,12 +265,18 @@ class CausalAttentionTransform(TransformModule):
 
     # ------------------------------------------------------------------------------------ forward pass
     def validate_embeddings(self, x: Tensor) -> None:
-        """Raise ``ValueError`` for a tensor that is not a batch of ``(T, d)`` sequences with ``T >= 1``.
+        """Raise ``ValueError`` for a tensor that is not a batch of ``(T, d)`` sequences with ``T >= 1`` in the
+        parameters' dtype (half precision excepted, which :meth:`log_abs_det_blocks` promotes, and any dtype inside
+        autocast).
 
         Finiteness is checked while Pyro/torch distribution validation is enabled (the default).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"embeddings must be a floating-point tensor, got {type(x).__name__}")
+        dtype = self.w_k.dtype
+        if x.dtype not in (dtype, torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"embeddings are {x.dtype} but the transform's parameters are {dtype}: "
+                             f"convert one (x.to({dtype}) or transform.to({x.dtype}))")
         if x.dim() < 2:
             raise ValueError(f"embeddings must have shape (..., T, d), got {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
@@ -330,73 +391,164 @@ class CausalAttentionTransform(TransformModule):
 
     # ------------------------------------------------------------------------------ generative z -> x
     def _call(self, z: Tensor) -> Tensor:
-        """Solve ``x_t - c_t(x_{<t}, x_t) = z_t`` position by position (Newton's method)."""
+        """``x = T(z)``: solve ``x_t - c_t(x_{<t}, x_t) = z_t`` position by position for a root on the regular branch
+        (``det J_tt > 0``, the prior's support), differentiably; raises :class:`InversionError` naming the first
+        position (and batch element) where none was found."""
         flat, batch = self._flat(z)
+        x, failed_at = self._solve_sequence(flat, stop_at_failure=True)
+        if bool((failed_at < flat.shape[1]).any()):
+            row = int(failed_at.argmin())
+            element = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), batch)) if batch else ()
+            raise InversionError(
+                f"z -> x found no root on the regular branch (det J_tt > 0) at position t={int(failed_at[row])} "
+                f"(batch element {element}): z_t has no regular preimage there, or Newton's method and the "
+                f"continuation from z_t both missed it (coupling={self.coupling!r}, include_current={self.include_current})"
+            )
         xs: list[Tensor] = []
         for t in range(flat.shape[1]):
             prefix = torch.stack(xs, dim=1) if xs else flat[:, :0]
-            xs.append(self._solve_position(prefix, flat[:, t], t))
+            xs.append(self._implicit_step(prefix, x[:, t], flat[:, t], t))
         return torch.stack(xs, dim=1).reshape(*batch, *flat.shape[-2:])
 
-    def _solve_position(self, prefix: Tensor, z_t: Tensor, t: int) -> Tensor:
-        """``x_t`` given the solved prefix ``x_{<t}``, shapes ``(N, t, d)``, ``(N, d)`` -> ``(N, d)``, differentiable;
-        raises :class:`InversionError` where a row has no root (:meth:`solve_position` says where)."""
-        x_t, err = self._newton_with_restarts(prefix, z_t, t)
-        if not bool((err <= self._tolerance(z_t.dtype)).all()):
-            worst = int(err.argmax())
-            raise InversionError(
-                f"z -> x did not converge at position t={t} (batch element {worst}): relative residual "
-                f"{float(err[worst]):.3g} after {self.newton_max_iter} Newton steps from each start; the map "
-                f"may fold here (det J_tt <= 0 nearby), as it can with coupling={self.coupling!r}"
-            )
-        # One Newton step with autograd on, from the solution: by the implicit function theorem its
-        # derivatives in z, the prefix and the parameters are exact (F(x_t) = 0, J_tt held fixed).
+    def _implicit_step(self, prefix: Tensor, x_t: Tensor, z_t: Tensor, t: int) -> Tensor:
+        """One Newton step with autograd on, from the root ``x_t`` ``(N, d)`` for the (differentiable) ``prefix``: by the
+        implicit function theorem its derivatives in ``z_t``, the prefix and the parameters are exact (``F(x_t) = 0``,
+        ``J_tt`` held fixed)."""
         state = self.attend(torch.cat([prefix, x_t.unsqueeze(1)], dim=1), start=t)
         residual = x_t - state.context[:, 0] - z_t
         jac = self.jacobian_blocks(state)[:, 0].detach()
         return x_t - solve(jac, residual.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
-    def solve_position(self, prefix: Tensor, z_t: Tensor, t: int, guess: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``x_t`` solving ``x_t - c_t(x_{<t}, x_t) = z_t`` row by row, and a mask of the rows that converged.
+    def _solve_sequence(self, z: Tensor, stop_at_failure: bool = False) -> tuple[Tensor, Tensor]:
+        """Regular-branch roots for a flat batch ``z`` ``(N, T, d)``, no gradient: ``(x, failed_at)``, ``failed_at`` ``(N,)``
+        the first position where a row has no regular root found, ``T`` where every position was solved. A row
+        stops at its failure (its later positions keep ``z``); with ``stop_at_failure`` every row stops there."""
+        n, t_len, _ = z.shape
+        x = z.clone()
+        failed_at = torch.full((n,), t_len, dtype=torch.long, device=z.device)
+        for t in range(t_len):
+            rows = (failed_at == t_len).nonzero().flatten()
+            if rows.numel() == 0 or (stop_at_failure and rows.numel() < n):
+                break
+            x_t, found = self.solve_position(x[rows, :t], z[rows, t], t)
+            x[rows[found], t] = x_t[found]
+            failed_at[rows[~found]] = t
+        return x, failed_at
 
-        Shapes ``(N, t, d)``, ``(N, d)`` -> ``(N, d)``, ``(N,)``. Unlike :meth:`_call` it does not raise
-        where a row has no root (a fold): that row's mask is False and its value is Newton's last
-        iterate, and the other rows are solved as usual. ``guess`` ``(N, d)``, where given, is Newton's
-        first start (``z_t`` is then the first restart). No gradient. For particle filters that drop the
-        particles whose solve fails (:class:`inference.smc.TrajectorySMC`).
+    @torch.no_grad()
+    def solve_position(self, prefix: Tensor, z_t: Tensor, t: int, guess: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x_t`` solving ``x_t - c_t(x_{<t}, x_t) = z_t`` row by row, and a mask of the rows solved on the regular branch.
+
+        Shapes ``(N, t, d)``, ``(N, d)`` -> ``(N, d)``, ``(N,)``. A row counts as solved when its relative residual is
+        within the tolerance and ``det J_tt > 0`` at the root. Newton's method (:meth:`_newton`) runs from ``guess``
+        ``(N, d)`` (default ``z_t``); the rows it leaves unsolved (no convergence, or a root on the folded branch) run
+        it again from the end of the continuation path of :meth:`_continuation`, then from ``z_t + W_o W_v x_s`` for
+        each past ``s`` (the roots where attention sits on one position). A row still unsolved is marked False and
+        holds an iterate (finite or not); the others are solved as usual. Unlike :meth:`_call` it never raises and
+        has no gradient: for particle filters that drop the particles whose solve fails
+        (:class:`inference.smc.TrajectorySMC`).
         """
-        x_t, err = self._newton_with_restarts(prefix, z_t, t, guess)
-        return x_t, err <= self._tolerance(z_t.dtype)
+        x_t, found = self._regular_newton(prefix, z_t, z_t if guess is None else guess, t)
+        for restart in range(t + 1):
+            todo = (~found).nonzero().flatten()
+            if todo.numel() == 0:
+                break
+            if restart == 0:
+                start, reached = self._continuation(prefix[todo], z_t[todo], t)
+            else:
+                value = torch.einsum("hdv,hve,ne->nd", self._output_map(), self._value_map(), prefix[todo, restart - 1])
+                start, reached = z_t[todo] + value, torch.ones_like(todo, dtype=torch.bool)
+            x_new, solved = self._regular_newton(prefix[todo], z_t[todo], start, t)
+            solved &= reached
+            x_t[todo[solved]], found[todo[solved]] = x_new[solved], True
+        return x_t, found
+
+    def _regular_newton(self, prefix: Tensor, z_t: Tensor, start: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """Newton's method from ``start`` (:meth:`_newton`): ``(x_t, found)``, ``found`` ``(N,)`` marking the rows that
+        converged to a root with ``det J_tt > 0``."""
+        x_t, err = self._newton(prefix, z_t, start, t)
+        found = err <= self._tolerance(x_t.dtype)
+        rows = found.nonzero().flatten()
+        if rows.numel() > 0:
+            seq = torch.cat([prefix[rows], x_t[rows].unsqueeze(1)], dim=1)
+            found[rows] = self.log_abs_det_blocks(seq, self.attend(seq, start=t))[1][:, 0] > 0
+        return x_t, found
 
     def _tolerance(self, dtype: torch.dtype) -> float:
         return self.newton_tol if self.newton_tol is not None else 1e3 * torch.finfo(dtype).eps
 
-    def _newton_with_restarts(self, prefix: Tensor, z_t: Tensor, t: int,
-                              guess: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(x_t, relative residual)`` per row, without gradient.
+    def _continuation(self, prefix: Tensor, z_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        r"""Follow the roots of ``H(x, s) = x - s c_t(x) - z_t`` from ``(z_t, 0)`` to ``s = 1`` by pseudo-arclength
+        continuation, row by row, without gradient. Returns ``(x, reached)``: where each row's path crosses ``s = 1``
+        (a start for Newton's method at ``s = 1``), and a mask of the rows whose path got there.
 
-        Newton's method from ``guess`` (default ``x_t = z_t``); the rows where it stalls (near a fold, in
-        the barrier regime) restart from ``z_t`` and from ``z_t + sum_h W_o^h W_v^h x_s`` for each past ``s``
-        in turn (strict causal: the context is a convex combination of such points), keeping each row's
-        best iterate.
+        At ``s = 0`` the only root is ``x = z_t``, with ``dH/dx = I``. Along the path ``dH/dx = (1 - s) I + s J_tt``; where
+        the scaled map folds the path turns back in ``s`` and ``det dH/dx`` changes sign, which the steps along the
+        tangent of the curve ``(x, s)`` follow. Strict causality bounds the path, ``|x - z_t| = s |c_t| <=
+        max_s |W_o W_v x_s|``: starting from the only root at ``s = 0`` it must leave the strip ``0 <= s <= 1`` at
+        ``s = 1``, moving forward in ``s`` after an even number of turns, so at a root with ``det J_tt > 0`` (for almost
+        every ``z_t``; the map is proper of degree one). With the current position included ``c_t`` grows with ``x_t``
+        and the path can escape instead: ``z_t`` may have no preimage.
         """
-        tol = self._tolerance(z_t.dtype)
-        x_t, err = self._newton(prefix, z_t, z_t if guess is None else guess, t)
-        if t == 0 or bool((err <= tol).all()):
-            return x_t, err
-        with torch.no_grad():
-            values = torch.einsum("hdv,hve,nse->nsd", self._output_map(), self._value_map(), prefix)
-        offsets = ([] if guess is None else [torch.zeros_like(z_t)]) + [values[:, s] for s in range(t)]
-        for offset in offsets:
-            todo = (err > tol).nonzero().flatten()
-            if todo.numel() == 0:
+        n, d = z_t.shape
+        scale = 1.0 + z_t.abs().amax(-1)
+        tol = self._tolerance(z_t.dtype) ** 0.5  # the corrector's; Newton polishes the end point
+        eye = torch.eye(d, dtype=z_t.dtype, device=z_t.device)
+        e_s = torch.zeros(n, d + 1, 1, dtype=z_t.dtype, device=z_t.device)
+        e_s[:, d] = 1.0  # the s-direction
+
+        def homotopy(rows: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+            """``H`` ``(N, d)`` and ``dH/du = [dH/dx | dH/ds]`` ``(N, d, d + 1)`` at ``u = (x, s)``."""
+            x, s = u[:, :d], u[:, d:]
+            state = self.attend(torch.cat([prefix[rows], x.unsqueeze(1)], dim=1), start=t)
+            c = state.context[:, 0]
+            h_x = (1 - s).unsqueeze(-1) * eye + s.unsqueeze(-1) * self.jacobian_blocks(state)[:, 0]
+            return x - s * c - z_t[rows], torch.cat([h_x, -c.unsqueeze(-1)], dim=-1)
+
+        def bordered(jac: Tensor, tangent: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+            """Solve ``[dH/du; tangent^T] y = rhs``, ``(N, d + 1)``: regular at simple turning points."""
+            y, singular = solve_ex(torch.cat([jac, tangent.unsqueeze(-2)], dim=-2), rhs)
+            return y.squeeze(-1), singular
+
+        def unit_tangent(jac: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+            """The null vector of ``dH/du`` on the side of ``previous``, normalised, and whether the orientation
+            ``sign(det [dH/du; tangent^T]) = sign(det dH/dx) sign(ds)`` is the start's (positive): it is constant along
+            the path, so a step that flips it has jumped to another branch."""
+            tangent, singular = bordered(jac, previous, e_s[: jac.shape[0]])
+            tangent = tangent / tangent.norm(dim=-1, keepdim=True)
+            orientation = slogdet(torch.cat([jac, tangent.unsqueeze(-2)], dim=-2))[0]
+            return tangent, ~singular & (orientation > 0)
+
+        u = torch.cat([z_t, z_t.new_zeros(n, 1)], dim=-1)
+        tangent, _ = unit_tangent(homotopy(torch.arange(n, device=z_t.device), u)[1], e_s[..., 0])
+        step = 0.1 * scale
+        x_end, reached, going = z_t.clone(), torch.zeros_like(scale, dtype=torch.bool), torch.ones_like(scale, dtype=torch.bool)
+        for _ in range(_CONTINUATION_STEPS):
+            rows = going.nonzero().flatten()
+            if rows.numel() == 0:
                 break
-            x_new, err_new = self._newton(prefix[todo], z_t[todo], z_t[todo] + offset[todo], t)
-            better = err_new < err[todo]
-            x_t = x_t.index_put((todo[better],), x_new[better])
-            err = err.index_put((todo[better],), err_new[better])
-        return x_t, err
+            here, direction, h = u[rows], tangent[rows], step[rows]
+            predicted = here + h[:, None] * direction
+            v = predicted
+            for iteration in range(_CORRECTOR_ITERATIONS + 1):  # Newton on H = 0 normal to the tangent
+                res, jac = homotopy(rows, v)
+                if iteration == _CORRECTOR_ITERATIONS or bool((res.abs().amax(-1) <= tol * scale[rows]).all()):
+                    break
+                offset = ((v - predicted) * direction).sum(-1, keepdim=True)
+                v = v - bordered(jac, direction, torch.cat([res, offset], dim=-1).unsqueeze(-1))[0]
+            new_direction, oriented = unit_tangent(jac, direction)
+            ok = (oriented & (res.abs().amax(-1) <= tol * scale[rows]) & ((v - predicted).norm(dim=-1) <= h / 2)
+                  & ((new_direction * direction).sum(-1) >= _LARGEST_TURN))
+            crossed = ok & (v[:, d] >= 1)
+            fraction = ((1 - here[:, d]) / (v[:, d] - here[:, d])).unsqueeze(-1)  # linear to s = 1
+            x_end[rows[crossed]] = (here[:, :d] + fraction * (v[:, :d] - here[:, :d]))[crossed]
+            reached[rows[crossed]] = True
+            u[rows[ok]], tangent[rows[ok]] = v[ok], new_direction[ok]
+            distance = (u[rows, :d] - z_t[rows]).norm(dim=-1)  # |x - z_t|, bounded under strict causality
+            step[rows] = torch.where(ok, torch.minimum(1.5 * h, (scale[rows] + distance) / 4), h / 2)
+            going[rows] = ~crossed & (step[rows] > _SMALLEST_STEP * scale[rows]) & (distance < _FARTHEST * scale[rows])
+        return x_end, reached
 
     def _newton(self, prefix: Tensor, z_t: Tensor, x_t: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """Damped Newton iterations for ``F(x_t) = x_t - c_t - z_t`` from ``x_t``, row by row; returns
@@ -466,3 +618,43 @@ class CausalAttentionTransform(TransformModule):
             f"coupling={self.coupling!r}, logdet={self.logdet!r}"
         )
 
+
+class _RegularTrajectories(constraints.Constraint):
+    """Sequences ``x`` ``(..., T, d)`` with ``det J_tt > 0`` at every position: the support of a transform that can
+    fold (its ``codomain``)."""
+
+    is_discrete = False
+    event_dim = 2
+
+    def __init__(self, transform: CausalAttentionTransform) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def check(self, x: Tensor) -> Tensor:
+        return (self.transform.log_abs_det_blocks(x)[1] > 0).all(-1)
+
+
+class _SolvableLatents(constraints.Constraint):
+    """Latents ``z`` ``(..., T, d)`` for which ``z -> x`` finds a root on the regular branch at every position (the
+    ``domain`` of a transform that can fold; the check runs the solver)."""
+
+    is_discrete = False
+    event_dim = 2
+
+    def __init__(self, transform: CausalAttentionTransform) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def check(self, z: Tensor) -> Tensor:
+        flat, batch = self.transform._flat(z)
+        return (self.transform._solve_sequence(flat)[1] == flat.shape[1]).reshape(batch)
+
+
+@biject_to.register(_RegularTrajectories)
+@transform_to.register(_RegularTrajectories)
+def _no_map_onto_regular_trajectories(constraint: _RegularTrajectories) -> Transform:
+    raise NotImplementedError(
+        "no map from R^{T x d} onto the trajectories with every det J_tt > 0 (the support of an attention prior "
+        "whose map can fold) is known, so an autoguide cannot parametrize it: give the EmbeddingPrior a "
+        "barrier_floor (its support is then R^{T x d})"
+    )

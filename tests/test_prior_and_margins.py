@@ -62,7 +62,7 @@ def test_barrier_regime_folds_and_the_formula_overcounts_there(float64, capsys):
     x, cell = grid_sequences(3, -9.0, 9.0, 91)
     logabs, sign = transform.log_abs_det_blocks(x)
     unfolded = (sign > 0).all(-1)
-    density = prior.log_prob(x).exp() * cell
+    density = (prior.residual_log_prob(x) + logabs.sum(-1)).exp() * cell  # eq. 11 taken everywhere, folds included
     folded_mass = density[~unfolded].sum().item()
     with capsys.disabled():
         print(f"\n[barrier regime, beta=2.25, T=3] grid fraction with some det J_tt <= 0: "
@@ -102,7 +102,7 @@ def test_conditionals_multiply_to_the_joint(float64):
     torch.manual_seed(0)
     transform = CausalAttentionTransform(3, 1, 2, include_current=True)
     prior = EmbeddingPrior(transform, seq_len=4, sigma=0.5)
-    x = torch.randn(4, 3)
+    x = 0.5 * torch.randn(4, 3)  # on the support (every det J_tt > 0), where log_prob is eq. 11
     total = sum(conditional_log_prob(transform, x[:t], x[t : t + 1], 0.5)[0] for t in range(4))
     torch.testing.assert_close(total, prior.log_prob(x))
 
