@@ -41,7 +41,16 @@ from .flags import (
 )
 from .plots import save
 from .report import markdown_table, provenance, write_json, write_markdown
-from .runs import RUNS_DIR, Stopwatch, default_run_dir, ensure_trained, is_finished, split_windows, training_device
+from .runs import (
+    RUNS_DIR,
+    Stopwatch,
+    default_run_dir,
+    ensure_trained,
+    find_finished_run,
+    is_finished,
+    split_windows,
+    training_device,
+)
 from .train import add_config_arguments, config_from_args
 
 HELP = "Table 1 / Figure 7.6: clean and noisy BPC and prior diagnostics along lambda_m"
@@ -73,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     parser.add_argument("--max-windows", type=positive_int, default=None,
                         help="score only the first windows of a split")
-    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR,
+                        help="where each lambda's run is trained (<preset>-lambda<lambda_m>); a finished run of the "
+                             "same configuration under it is used whatever its folder is called (results/train: "
+                             "the committed runs)")
     add_out_flag(parser, Path("results/regularization_path"))
     add_progress_flag(parser)
     parser.add_argument("--finished-only", action="store_true",
@@ -87,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     points, missing = [], []
     for lam in args.lambdas:
         config = replace(base, train=replace(base.train, lambda_m=lam))
-        run_dir = default_run_dir(args.runs_dir, args.preset, lam)
+        run_dir = find_finished_run(config, [args.runs_dir]) or default_run_dir(args.runs_dir, args.preset, lam)
         if args.finished_only and not is_finished(run_dir):
             missing.append(lam)
             continue

@@ -1,9 +1,11 @@
 """``prob-attention results-page``: ``docs/RESULTS.md`` assembled from the experiments' JSON under ``results/``.
 
 Every number on the page is read from a results file written by a command, with that command's
-provenance; the verdicts against the project's targets (issue #4) are computed here from those numbers,
+provenance; the verdicts against the project's targets are computed here from those numbers,
 not written by hand. An experiment whose results are missing is listed with the command that makes them.
-Text below the line ``<!-- hand-written below -->`` of an existing page is kept.
+Text below the line ``<!-- hand-written below -->`` of an existing page is kept. A recorded command that
+names a machine's scratch folder is followed by the same command as it runs from a fresh clone
+(:data:`FRESH_CLONE`).
 
 Example::
 
@@ -54,10 +56,32 @@ def _load(path: Path) -> Any | None:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+FRESH_CLONE: tuple[tuple[str, str], ...] = (
+    ("/work/runs/full-lambda0.02", "results/train/margin-lambda0.02"),
+    ("/work/runs/full-lambda0", "results/train/ce-lambda0"),
+    ("/work/runs/pathfull", "results/train"),
+    ("/work/runs/", "runs/"),
+    ("/work/main/", ""),
+)
+"""Folders of the machine that ran a recorded command, and what stands in for each in a fresh clone, in the
+order they are replaced: the committed copies of its trained runs, weights included (``regularization-path``
+finds a committed run by its configuration), or a scratch folder under the clone (outputs, runs to train)."""
+
+
+def fresh_clone_command(command: str) -> str:
+    """``command`` with the folders of :data:`FRESH_CLONE` replaced: what reproduces it from a fresh clone."""
+    for local, committed in FRESH_CLONE:
+        command = command.replace(local, committed)
+    return command
+
+
 def _provenance(meta: dict[str, Any]) -> str:
     keys = ("command", "device", "wall_seconds", "commit", "date")
     parts = [f"`{meta['command']}`" if k == "command" else f"{k.replace('_', ' ')} {meta[k]}" for k in keys if k in meta]
-    return "Produced by " + "; ".join(parts) + "."
+    text = "Produced by " + "; ".join(parts) + "."
+    if "command" in meta and fresh_clone_command(meta["command"]) != meta["command"]:
+        text += f" From a fresh clone: `{fresh_clone_command(meta['command'])}`."
+    return text
 
 
 def _splits(splits: dict[str, Any]) -> list[str]:
@@ -225,7 +249,7 @@ def decoding_section(res: dict[str, Any], folder: str = "decoding") -> list[str]
 
 
 def bench_section(folder: Path) -> list[str]:
-    out = ["## Performance (issue #6)"]
+    out = ["## Performance"]
     target = _load(folder / "barrier-target-cpu.json")
     step = _load(folder / "train_step-cpu.json")
     if target:
@@ -234,7 +258,7 @@ def bench_section(folder: Path) -> list[str]:
                 out.append(f"Barrier at d=256, d_k=64, T=512 ({mode}): Sylvester {t['speedup']:.1f}x faster than the "
                            f"full d x d path (target >= 5x: {_verdict(t['speedup'] >= 5)}), float32 relative error "
                            f"{t['rel_err']:.1e} (target <= 1e-5: {_verdict(t['rel_err'] <= 1e-5)}). "
-                           f"`{target['meta']['command']}` on {target['meta']['device_name']}.")
+                           f"`{fresh_clone_command(target['meta']['command'])}` on {target['meta']['device_name']}.")
     grid = _load(folder / "barrier-cpu.json")
     if grid:
         ok = [r for r in grid["rows"] if r["status"] == "ok"]
@@ -244,14 +268,14 @@ def bench_section(folder: Path) -> list[str]:
                    f"rows measured, {len(grid['rows']) - len(ok)} skipped (memory, length or autograd limits); "
                    f"largest float32 relative error of any method, values or gradients, {max(errs):.1e}; Sylvester "
                    f"over full at d >= 256: {min(r['speedup_vs_full'] for r in syl):.1f}x to "
-                   f"{max(r['speedup_vs_full'] for r in syl):.0f}x. `{grid['meta']['command']}` on "
+                   f"{max(r['speedup_vs_full'] for r in syl):.0f}x. `{fresh_clone_command(grid['meta']['command'])}` on "
                    f"{grid['meta']['device_name']} (results/bench/barrier-cpu.json).")
     if step:
         rows = [[r["lambda_m"], r["median_s"], r["min_s"], r["tokens_per_s"], r["peak_mem_bytes"] / 2**20]
                 for r in step["rows"]]
         out.append(markdown_table(["lambda_m", "median step (s)", "min step (s)", "tokens/s", "peak MiB"], rows))
         out.append(f"Step-time ratio {step['ratio']:.2f} (target <= {step['target_ratio']} on CPU: "
-                   f"{_verdict(step['target_ok'])}). `{step['meta']['command']}` on {step['meta']['device_name']}, "
+                   f"{_verdict(step['target_ok'])}). `{fresh_clone_command(step['meta']['command'])}` on {step['meta']['device_name']}, "
                    f"{step['meta']['threads']} thread(s).")
     return out if len(out) > 1 else []
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from .intervals import Interval, mean_difference, paired_bootstrap, verdict
 from .perturbations import Perturbation, window_bpc
 from .plots import save
 from .report import markdown_table, provenance, write_json, write_markdown
-from .runs import Stopwatch, ensure_trained, is_finished, resolve_device, split_windows
+from .runs import Stopwatch, ensure_trained, find_finished_run, is_finished, resolve_device, split_windows
 
 HELP = "robustness of the margin barrier against CE-only and peers, with seeds, controls and paired intervals"
 
@@ -133,21 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------ runs
-def committed_run(config: RunConfig, folders: Iterable[Path]) -> Path | None:
-    """A finished run under ``folders`` whose configuration is exactly ``config``."""
-    for folder in folders:
-        for run_dir in sorted(p for p in Path(folder).glob("*") if p.is_dir()):
-            if is_finished(run_dir):
-                saved = json.loads((run_dir / "checkpoint" / "config.json").read_text())["run"]
-                if RunConfig.from_dict(saved).to_dict() == config.to_dict():
-                    return run_dir
-    return None
-
-
 def run_dir_for(arm: Arm, seed: int, args: argparse.Namespace) -> Path:
     """Where ``arm`` with ``seed`` lives: a matching committed run, else its folder under ``--runs-dir``."""
     config = arm.config(seed, args.preset, args.epochs)
-    return committed_run(config, args.reuse) or args.runs_dir / f"{arm.name}-seed{seed}"
+    return find_finished_run(config, args.reuse) or args.runs_dir / f"{arm.name}-seed{seed}"
 
 
 # -------------------------------------------------------------------------------------- scoring

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from inference.map import (
 )
 from prob_attention.corpus import eval_windows, load_corpus
 
-__all__ = ["RUNS_DIR", "Stopwatch", "default_run_dir", "ensure_trained", "is_finished", "resolve_device",
-           "split_windows", "training_device"]
+__all__ = ["RUNS_DIR", "Stopwatch", "default_run_dir", "ensure_trained", "find_finished_run", "is_finished",
+           "resolve_device", "split_windows", "training_device"]
 
 RUNS_DIR = Path("runs")
 """Where commands train their runs by default (scratch space, not committed)."""
@@ -37,6 +38,19 @@ def default_run_dir(runs_dir: str | os.PathLike[str], preset: str, lambda_m: flo
     """The run directory of ``preset`` trained with margin weight ``lambda_m``:
     ``<runs_dir>/<preset>-lambda<lambda_m>``."""
     return Path(runs_dir) / f"{preset}-lambda{lambda_m:g}"
+
+
+def find_finished_run(config: RunConfig, folders: Iterable[str | os.PathLike[str]]) -> Path | None:
+    """A finished run directly under one of ``folders`` whose configuration is exactly ``config`` (fields added
+    to the configs since it was trained count at their defaults), e.g. a committed run under ``results/train``
+    whatever its folder is called; ``None`` if there is none."""
+    for folder in folders:
+        for run_dir in sorted(p for p in Path(folder).glob("*") if p.is_dir()):
+            if is_finished(run_dir):
+                saved = read_config(find_checkpoint(run_dir / CHECKPOINT_DIR))["run"]
+                if RunConfig.from_dict(saved).to_dict() == config.to_dict():
+                    return run_dir
+    return None
 
 
 def is_finished(run_dir: str | os.PathLike[str]) -> bool:

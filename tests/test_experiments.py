@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ OUTPUTS = {
     "regularization_path": ["results.json", "table.md", "path.png"],
     "support_tokens": ["results.json", "table.md", "heat_strip.png", "margins.png"],
 }
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +182,26 @@ def test_the_results_page_reads_every_experiment_and_keeps_hand_written_text(qui
         assert f"## {title}" in text
     assert "target at most +2%: **" in text and "Produced by `" in text
     assert text.index("**val**") < text.index("**test**")  # the paper's split first
+
+
+def test_a_recorded_command_from_a_fresh_clone_reads_committed_runs_not_another_machines_folders() -> None:
+    from experiments.results_page import fresh_clone_command
+
+    assert fresh_clone_command("x --runs /work/runs/full-lambda0 /work/runs/full-lambda0.02") == \
+        "x --runs results/train/ce-lambda0 results/train/margin-lambda0.02"
+    inputs = {"--runs", "--run-dirs", "--ce-run", "--margin-run", "--runs-dir"}
+    commands = []
+    for path in (REPO / "results").rglob("*.json"):
+        data = json.loads(path.read_text())
+        meta = data.get("provenance") or data.get("meta") if isinstance(data, dict) else None
+        if isinstance(meta, dict) and "command" in meta:
+            commands.append(fresh_clone_command(meta["command"]))
+    assert commands
+    for command in commands:
+        assert "/work/" not in command, command
+        words, flag = shlex.split(command), None
+        for word in words:
+            if word.startswith("--"):
+                flag = word
+            elif flag in inputs and not word.startswith("runs/"):  # runs/: scratch that the command trains into
+                assert (REPO / word).exists(), f"{word} in {command}"
