@@ -3,14 +3,14 @@ diagnostics of Table 1 (Section 7.3, 7.4)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from inference.map import MAPNet
+from prob_attention.corpus import window_batches
 from prob_attention.statistics import attention_entropy, weighted_variance
+
+from .perturbations import Perturbation, embedding_rms, window_bpc
 
 __all__ = ["NOISE_DRAWS", "NOISE_LEVELS", "NOISE_SEED", "SIGMA_MAX", "embedding_rms", "noisy_bpc", "prior_diagnostics"]
 
@@ -28,13 +28,6 @@ SIGMA_MAX = {"absolute": 0.04, "relative": 0.5}
 (noise-robustness's module docstring says how 0.04 was chosen; 0.5 x the CE-only run's RMS 0.081 ~ 0.04)."""
 
 
-def _batches(inputs: Tensor, targets: Tensor, batch_size: int):
-    if inputs.shape[0] == 0:
-        raise ValueError("no windows to evaluate")
-    for start in range(0, inputs.shape[0], batch_size):
-        yield inputs[start : start + batch_size], targets[start : start + batch_size]
-
-
 @torch.no_grad()
 def noisy_bpc(
     net: MAPNet, inputs: Tensor, targets: Tensor, sigma: float, draws: int = NOISE_DRAWS, seed: int = NOISE_SEED,
@@ -42,37 +35,15 @@ def noisy_bpc(
 ) -> list[float]:
     """Bits per character with Gaussian noise ``N(0, sigma^2 I)`` added to the input embeddings (Section 7.3).
 
-    ``x = embed(idx) + sigma * eps`` is fed to the GPT's blocks; one BPC per draw. Draw ``k`` of window
-    batch ``j`` uses a generator seeded from ``(seed, k, j)``, so two models scored with the same seed see
-    the same noise. ``sigma = 0`` is the clean BPC (one draw).
+    ``x = embed(idx) + sigma * eps`` is fed to the GPT's blocks; one BPC per draw, the mean of
+    :func:`~experiments.perturbations.window_bpc` over the windows (which all have ``T`` characters), so two
+    models scored with the same seed and batch size see the same noise. ``sigma = 0`` is the clean BPC (one draw).
     """
     if sigma < 0 or draws < 1:
         raise ValueError(f"need sigma >= 0 and draws >= 1, got sigma={sigma}, draws={draws}")
-    net.eval()
-    device = next(net.parameters()).device
-    results = []
-    for k in range(draws if sigma > 0 else 1):
-        nats = torch.zeros((), dtype=torch.float64)
-        for j, (idx, tgt) in enumerate(_batches(inputs, targets, batch_size)):
-            x = net.gpt.embed(idx.to(device))  # (B, T, d)
-            if sigma > 0:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + j)
-                x = x + sigma * torch.randn(x.shape, generator=gen).to(device)
-            logits = net.gpt.decode(x)  # (B, T, V)
-            nats += F.cross_entropy(logits.flatten(0, 1).float(), tgt.to(device).flatten(), reduction="sum").cpu()
-        results.append(float(nats) / targets.numel() / math.log(2.0))
-    return results
-
-
-@torch.no_grad()
-def embedding_rms(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> float:
-    """Root mean square of the input embedding coordinates, ``sqrt(mean x^2)``: the scale noise is measured against."""
-    total, count = 0.0, 0
-    for idx, _ in _batches(inputs, inputs, batch_size):
-        x = net.gpt.embed(idx.to(next(net.parameters()).device))
-        total += float(x.double().pow(2).sum())
-        count += x.numel()
-    return math.sqrt(total / count)
+    perturbation = Perturbation("noise", sigma) if sigma > 0 else Perturbation("clean")
+    return [float(window_bpc(net, inputs, targets, perturbation, draw=k, seed=seed, batch_size=batch_size).mean())
+            for k in range(draws if sigma > 0 else 1)]
 
 
 @torch.no_grad()
@@ -93,7 +64,7 @@ def prior_diagnostics(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> dict
     device = next(net.parameters()).device
     sums = {"entropy": 0.0, "var_ratio": 0.0, "log_det": 0.0, "x_energy": 0.0, "z_energy": 0.0, "seq_margin": 0.0}
     n_positions, n_windows = 0, 0
-    for idx, _ in _batches(inputs, inputs, batch_size):
+    for idx, _ in window_batches(inputs, inputs, batch_size):
         x = net.gpt.embed(idx.to(device)).float()  # (B, T, d)
         state = net.transform.attend(x)
         alpha = state.alpha  # (B, H, T, T)

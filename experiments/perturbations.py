@@ -12,12 +12,13 @@ Three families, each at a few levels:
 
 Every draw depends only on ``(seed, draw)``, never on the model, so two models are scored on the same
 noise and the same corrupted positions (a paired comparison); for substitutions the positions corrupted at
-a lower rate are a subset of those at a higher one. Embedding noise is drawn batch by batch, so it is
-paired across models scored with the same ``batch_size``.
+a lower rate are a subset of those at a higher one. Embedding noise is drawn batch by batch
+(:func:`noise_generator`), so it is paired across models scored with the same ``batch_size``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,9 +30,7 @@ from inference.map import MAPNet
 from prob_attention.corpus import window_batches
 from prob_attention.gpt import nats_to_bits
 
-from .evaluation import embedding_rms
-
-__all__ = ["Perturbation", "substitute_characters", "window_bpc"]
+__all__ = ["Perturbation", "embedding_rms", "noise_generator", "substitute_characters", "window_bpc"]
 
 Kind = Literal["clean", "noise", "relative_noise", "substitution"]
 
@@ -58,8 +57,11 @@ class Perturbation:
         return "clean" if self.kind == "clean" else f"{self.kind}={self.level:g}"
 
 
-def _generator(seed: int, draw: int, purpose: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + draw * 10_007 + purpose)
+def noise_generator(seed: int, draw: int, index: int) -> torch.Generator:
+    """The generator of draw ``draw`` for batch ``index`` of a scoring pass (the noise of every noise measurement,
+    since the first sweeps: ``seed * 1_000_003 + draw * 10_007 + index``); ``index = -1`` is the substitution
+    stream of the draw."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw * 10_007 + index)
 
 
 def substitute_characters(idx: Tensor, rate: float, vocab_size: int, seed: int, draw: int) -> Tensor:
@@ -71,11 +73,23 @@ def substitute_characters(idx: Tensor, rate: float, vocab_size: int, seed: int, 
     """
     if vocab_size < 3:
         raise ValueError(f"substitutions need at least two known characters, got vocab_size={vocab_size}")
-    gen = _generator(seed, draw, 1)
+    gen = noise_generator(seed, draw, -1)
     u = torch.rand(idx.shape, generator=gen)
     r = torch.randint(1, vocab_size - 1, idx.shape, generator=gen)  # one of the V - 2 other known ids
     replacement = r + ((r >= idx) & (idx > 0)).long()  # skip the original id
     return torch.where(u < rate, replacement, idx)
+
+
+@torch.no_grad()
+def embedding_rms(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> float:
+    """Root mean square of the input embedding coordinates, ``sqrt(mean x^2)``: the scale noise is measured against."""
+    device = next(net.parameters()).device
+    total, count = 0.0, 0
+    for idx, _ in window_batches(inputs, inputs, batch_size):
+        x = net.gpt.embed(idx.to(device))
+        total += float(x.double().pow(2).sum())
+        count += x.numel()
+    return math.sqrt(total / count)
 
 
 @torch.no_grad()
@@ -93,12 +107,11 @@ def window_bpc(net: MAPNet, inputs: Tensor, targets: Tensor, perturbation: Pertu
     sigma = level if kind == "noise" else 0.0
     if kind == "relative_noise":
         sigma = level * (rms if rms is not None else embedding_rms(net, inputs, batch_size))
-    gen = _generator(seed, draw, 2)
     out = []
-    for idx, tgt in window_batches(inputs, targets, batch_size):
+    for j, (idx, tgt) in enumerate(window_batches(inputs, targets, batch_size)):
         x = net.gpt.embed(idx.to(device))  # (B, T, d)
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=gen).to(device)
+            x = x + sigma * torch.randn(x.shape, generator=noise_generator(seed, draw, j)).to(device)
         logits = net.gpt.decode(x)  # (B, T, V)
         nats = F.cross_entropy(logits.flatten(0, 1).float(), tgt.to(device).flatten(), reduction="none")
         out.append(nats.view(idx.shape).double().mean(-1).cpu())  # (B,)
