@@ -35,9 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 from inference.map import device_name, load_trained
-from inference.posterior import entropy
 from inference.smc import TrajectorySMC
 from prob_attention.corpus import eval_windows
+from prob_attention.weighted_moments import entropy
 
 from .decode import add_trajectory_flags, encoded_splits, trajectory_model
 from .flags import add_device_flag, add_out_flag, add_progress_flag, add_seed_flag, positive_int

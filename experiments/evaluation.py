@@ -8,7 +8,7 @@ from torch import Tensor
 
 from inference.map import MAPNet
 from prob_attention.corpus import window_batches
-from prob_attention.statistics import attention_entropy, weighted_variance
+from prob_attention.weighted_moments import entropy, weighted_variance
 
 from .perturbations import Perturbation, embedding_rms, window_bpc
 
@@ -73,7 +73,7 @@ def prior_diagnostics(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> dict
         z = x - state.context  # (B, T, d)
         logabs, _ = net.transform.log_abs_det_blocks(x, state)  # (B, T)
         keep = slice(2, None)
-        sums["entropy"] += float(attention_entropy(alpha).mean(1)[:, keep].sum())
+        sums["entropy"] += float(entropy(alpha).mean(1)[:, keep].sum())
         sums["var_ratio"] += float((trace / ms)[:, keep].sum())
         sums["log_det"] += float(logabs[:, keep].sum())
         sums["x_energy"] += float(x[:, keep].pow(2).sum())

@@ -48,7 +48,7 @@ from prob_attention import (
     scalar_transform,
 )
 from prob_attention.scalar import scalar_attention
-from prob_attention.statistics import weighted_covariance
+from prob_attention.weighted_moments import weighted_covariance
 
 from .flags import add_dataclass_flags, add_out_flag, finite_float, set_fields
 from .report import write_json

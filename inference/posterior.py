@@ -30,6 +30,8 @@ from pyro.infer.autoguide import (
 from pyro.optim import Adam
 from torch import Tensor
 
+from prob_attention.weighted_moments import entropy
+
 from .trajectory import TrajectoryModel, frozen
 
 __all__ = [
@@ -37,7 +39,6 @@ __all__ = [
     "SVIConfig",
     "SVIFit",
     "convergence",
-    "entropy",
     "fit_svi",
     "predictive_signals",
     "samples_signals",
@@ -49,11 +50,6 @@ GuideKind = Literal["normal", "lowrank"]
 
 
 # --------------------------------------------------------------------------------- predictive signals
-def entropy(probs: Tensor) -> Tensor:
-    """``-sum_v p_v log p_v`` over the last dim, in nats (``0 log 0 = 0``)."""
-    return -torch.special.xlogy(probs, probs).sum(-1)
-
-
 @dataclass(frozen=True)
 class PredictiveSignals:
     """The posterior predictive of one next character and its uncertainty signals (module docstring).

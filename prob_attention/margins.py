@@ -13,9 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from .statistics import attention_entropy as _entropy
-from .statistics import weighted_covariance
 from .transform import CausalAttentionTransform
+from .weighted_moments import entropy, weighted_covariance
 
 __all__ = [
     "log_det_margin",
@@ -112,7 +111,7 @@ def attention_weights(transform: CausalAttentionTransform, x: Tensor) -> Tensor:
 
 def attention_entropy(transform: CausalAttentionTransform, x: Tensor) -> Tensor:
     """Entropy of each head's attention row, in nats, shape ``batch x H x T`` (0 at the first position)."""
-    return _entropy(attention_weights(transform, x))
+    return entropy(attention_weights(transform, x))
 
 
 def attention_covariance(transform: CausalAttentionTransform, x: Tensor) -> Tensor:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .statistics import weighted_covariance
 from .transform import CausalAttentionTransform
+from .weighted_moments import weighted_covariance
 
 __all__ = ["scalar_transform", "scalar_attention", "scalar_margin"]
 

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Transform, biject_to, constraints, transform_to
 
 from .linalg import slogdet, solve, solve_ex
-from .statistics import weighted_cross_covariance, weighted_mean
+from .weighted_moments import weighted_cross_covariance, weighted_mean
 
 __all__ = ["CausalAttentionTransform", "AttentionState", "InversionError", "Coupling", "LogdetMethod"]
 

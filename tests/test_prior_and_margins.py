@@ -23,7 +23,7 @@ from prob_attention import (
     spectral_margin,
     support_tokens,
 )
-from prob_attention.statistics import weighted_cross_covariance, weighted_variance
+from prob_attention.weighted_moments import weighted_cross_covariance, weighted_variance
 
 
 def grid_sequences(t_len: int, lo: float, hi: float, n: int):

@@ -11,7 +11,6 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
-from torch.distributions import constraints
 
 from inference.posterior import SVIConfig, fit_svi
 from inference.trajectory import TrajectoryModel

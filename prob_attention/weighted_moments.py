@@ -1,4 +1,5 @@
-"""Attention-weighted statistics of a sequence: the quantities eq. (7), (13) of the paper are built from.
+"""Attention-weighted moments of a sequence, the quantities eq. (7), (13) of the paper are built from, and the
+entropy of a probability vector.
 
 Every function takes attention weights ``alpha`` of shape ``(..., T, S)`` (row ``t`` is a probability
 vector over the attended positions ``s``, or all zeros where position ``t`` has no context) and
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["weighted_mean", "weighted_cross_covariance", "weighted_covariance", "weighted_variance", "attention_entropy"]
+__all__ = ["weighted_mean", "weighted_cross_covariance", "weighted_covariance", "weighted_variance", "entropy"]
 
 
 def weighted_mean(alpha: Tensor, a: Tensor) -> Tensor:
@@ -98,6 +99,7 @@ def weighted_variance(alpha: Tensor, a: Tensor) -> Tensor:
     return (alpha @ a.pow(2).sum(-1, keepdim=True)).squeeze(-1) - (alpha @ a).pow(2).sum(-1)
 
 
-def attention_entropy(alpha: Tensor) -> Tensor:
-    """Shannon entropy ``-sum_s alpha_ts log alpha_ts`` of each attention row, in nats; 0 for an empty row."""
-    return -(alpha * torch.log(alpha.clamp_min(torch.finfo(alpha.dtype).tiny))).sum(-1)
+def entropy(p: Tensor) -> Tensor:
+    """Shannon entropy ``-sum_v p_v log p_v`` over the last dim, in nats (``0 log 0 = 0``, so an all-zero row,
+    e.g. an attention row without context, has entropy 0): of attention rows or of predictive distributions."""
+    return -torch.special.xlogy(p, p).sum(-1)
