@@ -337,7 +337,7 @@ class CausalAttentionTransform(TransformModule):
         Strict: ``M^{hg} = W_q^h W_o^g W_v^g Sigma^g W_k^gT = Cov_{alpha^g}(W_q^h W_o^g v^g, k^g)``, ``D = 1``
         (returned as ``None``).
         Current position included (no projections), with ``U^g = [Sigma'^g W_k^gT | a^g (x_t - mu'^g)] / H``,
-        ``W^h = [W_q^hT | W_k^hT q^h_t]`` and ``D = 1 - mean_h a^h_tt`` (FORMULAS.md, Appendix A).
+        ``W^h = [W_q^hT | W_k^hT q^h_t]`` and ``D = 1 - mean_h a^h_tt`` (Appendix A; docs/DERIVATIONS.md, section 2).
         """
         alpha, q, k, v = state.alpha, state.q, state.k, state.v
         n, h, tq, _ = alpha.shape
