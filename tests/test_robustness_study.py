@@ -75,3 +75,13 @@ def test_a_finished_run_with_the_same_configuration_is_reused(finished: tuple[Pa
     assert study.run_dir_for(study.ARMS["ce"], 1, args) == runs / "runs" / "ce-seed1"
     other = study_args(tmp_path, "--no-train", "--reuse", str(runs / "runs"), "--epochs", "3")
     assert study.run_dir_for(study.ARMS["ce"], 1, other) == tmp_path / "runs" / "ce-seed1"
+
+
+def test_the_results_page_shows_the_verdicts_and_every_models_regime(finished: tuple[Path, dict]) -> None:
+    from experiments.results_page import robustness_section
+
+    _, summary = finished
+    text = "\n".join(robustness_section(summary))
+    assert "| noise-0.02 |" in text and "relative_noise=0.5" in text
+    assert text.count("| ce |") == 3 and text.count("| noise-0.02 |") == 3 + 2  # every model, and a verdict row per split
+    assert "Produced by" in text
