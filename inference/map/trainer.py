@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prob_attention.corpus import CharCorpus, CharVocab, eval_windows, load_corpus, random_windows
+from prob_attention.gpt import nats_to_bits
 
 from ..checkpoint import (
     CheckpointCorruptError,
@@ -451,7 +452,7 @@ class MAPTrainer:
         record: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.epoch * self.steps_per_epoch,
-            "train_ce_bpc_running": float(stats.ce) / stats.steps / math.log(2.0),
+            "train_ce_bpc_running": nats_to_bits(float(stats.ce) / stats.steps),
             "train_prior_running": float(stats.prior) / stats.steps if self.net.use_prior else None,
             "train_clamped": int(stats.clamped),
             "seconds": seconds,
