@@ -153,16 +153,22 @@ def regime(trained: TrainedModel, inputs: torch.Tensor, batch_size: int) -> dict
         eig = torch.linalg.eigvalsh((a + a.transpose(-1, -2)) / 2)  # (H, d)
         w_k_norm = float(net.transform.w_k.double().flatten(1).norm(dim=1).max())
     quantiles = torch.quantile(log_det, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
-    mean = float(log_det.mean())
     return {
-        "log_det_mean": mean,
+        "log_det_mean": float(log_det.mean()),
         "log_det_quantiles": dict(zip(("q01", "q50", "q99"), quantiles)),
         "log_det_positive_fraction": float((log_det > 0).double().mean()),
         "sym_a_eigenvalues": [float(eig.min()), float(eig.max())],
         "w_k_norm": w_k_norm,
-        "name": ("negative coupling (dispersion)" if mean > 0 else
-                 "positive coupling (barrier)" if mean < 0 else "neutral"),
     }
+
+
+def regime_name(regime_stats: dict[str, Any], lambda_m: float) -> str:
+    """The regime a trained prior ends in, by the sign of its mean ``log det J_tt`` (a prior that was not
+    trained, ``lambda_m = 0``, has none: its weights are the initialisation's)."""
+    if lambda_m == 0:
+        return "prior not trained"
+    mean = regime_stats["log_det_mean"]
+    return "negative coupling (dispersion)" if mean > 0 else "positive coupling (barrier)" if mean < 0 else "neutral"
 
 
 def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,8 +249,9 @@ def compare(arm_models: list[dict[str, Any]], ce_models: list[dict[str, Any]], s
 # ------------------------------------------------------------------------------------------ output
 def summary_record(scores: dict[str, Any], arm: Arm) -> dict[str, Any]:
     """One model's line of ``summary.json``."""
+    lambda_m = scores["config"]["train"]["lambda_m"]
     record = {"arm": arm.name, "method": arm.method, "strength": arm.strength, "seed": scores["seed"],
-              "run": scores["run"], "regime": scores["regime"]}
+              "run": scores["run"], "regime": {**scores["regime"], "name": regime_name(scores["regime"], lambda_m)}}
     for split, s in scores["splits"].items():
         record[f"{split}_clean_bpc"] = float(np.mean(s["bpc"]["clean"]))
         record[f"{split}_embedding_rms"] = s["embedding_rms"]
