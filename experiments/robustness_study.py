@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from inference.map import PRESETS, RunConfig, TrainedModel, device_name, load_trained
+from inference.checkpoint import find_checkpoint
+from inference.map import CHECKPOINT_DIR, PRESETS, RunConfig, TrainedModel, device_name, load_trained
 from prob_attention.corpus import window_batches
 
 from .evaluation import NOISE_SEED, embedding_rms
@@ -192,16 +194,26 @@ def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def weights_digest(run_dir: Path) -> str:
+    """SHA-256 of the run's weights file: what a cache of its scores is valid for."""
+    return hashlib.sha256((find_checkpoint(run_dir / CHECKPOINT_DIR) / "model.safetensors").read_bytes()).hexdigest()
+
+
 def cached_scores(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`score_model`, cached under ``<out>/scores/``; a cache made with other settings is recomputed."""
+    """:func:`score_model`, cached under ``<out>/scores/``: reused for the same weights and scoring settings
+    (a cache without a digest: for the same run folder), recomputed otherwise."""
     settings = {"draws": args.draws, "max_windows": args.max_windows, "noise_seed": args.noise_seed,
                 "batch_size": args.batch_size, "perturbations": [p.label for p in PERTURBATIONS]}
     path = args.out / "scores" / f"{arm.name}-seed{seed}.json"
+    digest = weights_digest(run_dir)
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("settings") == settings and cached.get("run") == str(run_dir):
-            return cached
-    scores = {**score_model(run_dir, args), "settings": settings, "arm": arm.name, "seed": seed}
+        same_weights = (cached["weights_sha256"] == digest if "weights_sha256" in cached
+                        else Path(cached.get("run", "")).resolve() == run_dir.resolve())
+        if cached.get("settings") == settings and same_weights:
+            return {**cached, "weights_sha256": digest}
+    scores = {**score_model(run_dir, args), "settings": settings, "arm": arm.name, "seed": seed,
+              "weights_sha256": digest}
     write_json(path, scores)
     return scores
 
