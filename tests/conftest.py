@@ -11,6 +11,15 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread (many tiny ops: more threads only oversubscribe a shared CPU)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -30,13 +30,7 @@ from prob_attention.corpus import CharCorpus, bundled_articles
 from prob_attention.gpt import GPTConfig, SmallGPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many tiny ops: one thread avoids oversubscribing a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops
 
 
 def random_model(dim: int = 4, vocab: int = 5, block: int = 8, weight_scale: float | None = None,

@@ -18,13 +18,7 @@ from prob_attention import CausalAttentionTransform, EmbeddingPrior, InversionEr
 from prob_attention.gpt import GPTConfig, SmallGPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny solves: one thread avoids oversubscribing a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops
 
 
 def regular(transform: CausalAttentionTransform, x: torch.Tensor) -> torch.Tensor:
