@@ -211,7 +211,10 @@ def cached_scores(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) 
         same_weights = (cached["weights_sha256"] == digest if "weights_sha256" in cached
                         else Path(cached.get("run", "")).resolve() == run_dir.resolve())
         if cached.get("settings") == settings and same_weights:
-            return {**cached, "weights_sha256": digest}
+            if "weights_sha256" not in cached:
+                cached["weights_sha256"] = digest
+                write_json(path, cached)
+            return cached
     scores = {**score_model(run_dir, args), "settings": settings, "arm": arm.name, "seed": seed,
               "weights_sha256": digest}
     write_json(path, scores)
