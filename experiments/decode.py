@@ -68,14 +68,22 @@ def encoded_splits(trained: TrainedModel) -> tuple[torch.Tensor, torch.Tensor, t
 
 def trajectory_model(trained: TrainedModel, sigma: float | None, tau_ratio: float, seed: int = 0,
                      train: torch.Tensor | None = None) -> TrajectoryModel:
-    """The run's trajectory model; without ``sigma``, empirical Bayes on :data:`SIGMA_WINDOWS` windows of the
-    encoded training split ``train`` (loaded when not given)."""
+    """The run's trajectory model, with its barrier floor; without ``sigma``, empirical Bayes on
+    :data:`SIGMA_WINDOWS` windows of the encoded training split ``train`` (loaded when not given).
+
+    Raises ``ValueError`` for a run whose prior modelled layer-normalised embeddings (``input_norm``): the
+    trajectory model's prior acts on the embeddings themselves.
+    """
+    if trained.config.prior.input_norm:
+        raise ValueError("posterior decoding needs a prior over the embeddings themselves; this run's prior "
+                         "modelled layer-normalised embeddings (input_norm)")
     reference = None
     if sigma is None:
         train = encoded_splits(trained)[0] if train is None else train
         generator = torch.Generator().manual_seed(seed)
         reference = random_windows(train, SIGMA_WINDOWS, trained.gpt_config.block_size, generator)[0]
-    return TrajectoryModel.from_trained(trained.gpt, trained.transform, reference, sigma, tau_ratio)
+    return TrajectoryModel.from_trained(trained.gpt, trained.transform, reference, sigma, tau_ratio,
+                                        barrier_floor=trained.config.prior.barrier_floor)
 
 
 def run(args: argparse.Namespace) -> int:

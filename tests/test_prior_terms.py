@@ -112,3 +112,18 @@ def test_a_trajectory_model_rejects_a_non_positive_floor() -> None:
     gpt = SmallGPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=4))
     with pytest.raises(ValueError, match="barrier_floor"):
         TrajectoryModel(gpt, CausalAttentionTransform(4), sigma=1.0, tau=0.5, barrier_floor=-1.0)
+
+
+def test_decoding_uses_the_runs_barrier_floor_and_refuses_a_prior_on_normalised_embeddings() -> None:
+    from experiments.decode import trajectory_model
+    from inference.map import TrainedModel
+
+    for prior, ok in (({"barrier_floor": 0.05}, True), ({"input_norm": True}, False)):
+        config = RunConfig.preset("tiny", prior=prior)
+        gpt_config = config.gpt_config(11)
+        trained = TrainedModel(build_net(config, gpt_config), None, config, gpt_config, "test", [])  # type: ignore[arg-type]
+        if ok:
+            assert trajectory_model(trained, sigma=1.0, tau_ratio=0.5).barrier_floor == 0.05
+        else:
+            with pytest.raises(ValueError, match="input_norm"):
+                trajectory_model(trained, sigma=1.0, tau_ratio=0.5)
