@@ -148,8 +148,7 @@ def regime(trained: TrainedModel, inputs: torch.Tensor, batch_size: int) -> dict
     values = []
     with torch.no_grad():
         for idx, _ in window_batches(inputs, inputs, batch_size):
-            x = net.prior_input(net.gpt.embed(idx).float())
-            values.append(net.embedding_prior(x.shape[-2]).log_det_terms(x)[0][:, 2:].flatten())
+            values.append(net.barrier_terms(net.gpt.embed(idx))[0][:, 2:].flatten())
         log_det = torch.cat(values).double()
         a = net.transform.coupling_matrix.double()
         eig = torch.linalg.eigvalsh((a + a.transpose(-1, -2)) / 2)  # (H, d)
@@ -180,8 +179,8 @@ def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"run": str(run_dir), "config": trained.config.to_dict(),
                            "training_device": trained.history[-1].get("device") if trained.history else None,
                            "splits": {}}
-    for split in ("val", "test"):
-        inputs, targets = split_windows(trained, split, args.max_windows)
+    windows = {split: split_windows(trained, split, args.max_windows) for split in ("val", "test")}
+    for split, (inputs, targets) in windows.items():
         rms = embedding_rms(trained.net, inputs, args.batch_size)
         scores = {"clean": window_bpc(trained.net, inputs, targets, Perturbation("clean"),
                                       batch_size=args.batch_size).tolist()}
@@ -190,7 +189,7 @@ def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
                                 batch_size=args.batch_size) for k in range(args.draws)]
             scores[p.label] = torch.stack(draws).mean(0).tolist()
         out["splits"][split] = {"windows": int(inputs.shape[0]), "embedding_rms": rms, "bpc": scores}
-    out["regime"] = regime(trained, split_windows(trained, "val", args.max_windows)[0], args.batch_size)
+    out["regime"] = regime(trained, windows["val"][0], args.batch_size)
     return out
 
 

@@ -42,7 +42,7 @@ def evaluate(net: MAPNet, inputs: Tensor, targets: Tensor, batch_size: int, amp:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net.gpt.decode(x)
         ce_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum")
-        terms, mask = net.embedding_prior(x.shape[-2]).log_det_terms(net.prior_input(x.float()))
+        terms, mask = net.barrier_terms(x)
         barrier_sum += terms.sum()
         margins.append(terms[:, 2:].amin(-1) if terms.shape[-1] > 2 else torch.full_like(terms[:, 0], math.nan))
         clamped += mask.sum()

@@ -88,19 +88,25 @@ class MAPNet(nn.Module):
         run's barrier floor (so its log-density is the training objective's, safeguard included)."""
         return EmbeddingPrior(self.transform, seq_len, self.sigma, barrier_floor=self.prior.barrier_floor)
 
+    def barrier_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The run's barrier terms for embeddings ``x`` ``(B, T, d)``: the (safeguarded) ``log det J_tt`` of what
+        the prior models (:meth:`prior_input`) and the safeguard mask, ``(B, T)`` each, in float32 outside
+        autocast (:meth:`EmbeddingPrior.log_det_terms`)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.prior_input(x.float())
+            return self.embedding_prior(x.shape[-2]).log_det_terms(x)
+
     def prior_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position prior log-density and safeguard mask, ``(B, T)`` each, in float32 outside autocast.
 
-        ``density="margin"``: the prior's barrier terms, the (safeguarded) ``log det J_tt``
-        (:meth:`EmbeddingPrior.log_det_terms`); ``"full"``: the whole ``log p(x_t | x_{<t})``, Gaussian
-        residual included (:meth:`EmbeddingPrior.position_terms`).
+        ``density="margin"``: the barrier terms (:meth:`barrier_terms`); ``"full"``: the whole
+        ``log p(x_t | x_{<t})``, Gaussian residual included (:meth:`EmbeddingPrior.position_terms`).
         """
+        if self.prior.density == "margin":
+            return self.barrier_terms(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = self.prior_input(x.float())
-            prior = self.embedding_prior(x.shape[-2])
-            if self.prior.density == "margin":
-                return prior.log_det_terms(x)
-            terms = prior.position_terms(x)
+            terms = self.embedding_prior(x.shape[-2]).position_terms(x)
         return terms.log_density, terms.clamped
 
 
