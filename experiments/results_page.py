@@ -4,8 +4,8 @@ Every number on the page is read from a results file written by a command, with 
 provenance; the verdicts against the project's targets are computed here from those numbers,
 not written by hand. An experiment whose results are missing is listed with the command that makes them.
 Text below the line ``<!-- hand-written below -->`` of an existing page is kept. A recorded command that
-names a machine's scratch folder is followed by the same command as it runs from a fresh clone
-(:data:`FRESH_CLONE`).
+named a machine's scratch folders is shown as it runs from a fresh clone (:data:`FRESH_CLONE`), and says so;
+the results JSON keeps it verbatim.
 
 Example::
 
@@ -78,10 +78,11 @@ def fresh_clone_command(command: str) -> str:
 
 def _provenance(meta: dict[str, Any]) -> str:
     keys = ("command", "device", "wall_seconds", "commit", "date")
-    parts = [f"`{meta['command']}`" if k == "command" else f"{k.replace('_', ' ')} {meta[k]}" for k in keys if k in meta]
+    parts = [f"`{fresh_clone_command(meta['command'])}`" if k == "command" else f"{k.replace('_', ' ')} {meta[k]}"
+             for k in keys if k in meta]
     text = "Produced by " + "; ".join(parts) + "."
     if "command" in meta and fresh_clone_command(meta["command"]) != meta["command"]:
-        text += f" From a fresh clone: `{fresh_clone_command(meta['command'])}`."
+        text += " (It ran on scratch copies of the committed runs it names; the results JSON records it verbatim.)"
     return text
 
 
