@@ -25,7 +25,7 @@ from inference.checkpoint import require_regular_or_new, write_text_atomic
 from .decoding_study import signal_table
 from .regularization_path import OPTIMUM_KEYS, draws_phrase
 from .report import markdown_table
-from .robustness_study import verdict_table
+from .robustness_study import matched_table, verdict_table
 
 HELP = "assemble docs/RESULTS.md from the results folder (numbers, provenance, verdicts against the targets)"
 
@@ -293,6 +293,12 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
            "fewer than three seeds paired with CE-only's gets no verdict."]
     for split in ("val", "test"):
         out += [f"**{'Validation' if split == 'val' else 'Test'}.**", verdict_table(res["comparisons"], split)]
+    if res.get("matched"):
+        out.append("**Peers at matched clean cost.** Each peer against the margin arm its strength is tuned to: "
+                   "their clean validation BPC, then the same comparison with the margin arm as the reference "
+                   "(better: the peer has the lower BPC).")
+        for split in ("val", "test"):
+            out += [f"*{'Validation' if split == 'val' else 'Test'}.*", matched_table(res["matched"], split)]
     rows = []
     for r in sorted(res["models"], key=lambda r: (r["arm"], r["seed"])):
         g = r["regime"]

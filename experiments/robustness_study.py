@@ -13,7 +13,8 @@ fields differ from the default run), trained with several seeds:
   cannot raise (a scale-free barrier);
 - ``noise-*`` and ``jacobian-*``: the peers, Gaussian noise injection into the decoded embeddings and
   Jacobian regularisation of the logits (Hoffman et al. 2019), at strengths tuned on validation to the
-  clean cost of the margin model they are compared with.
+  clean cost of the margin model they are compared with (``Arm.matched_to``); where both are in ``--arms``,
+  each peer is also compared directly with its margin arm, and the table says whether the costs match.
 
 Every model is scored on whole validation and test splits, clean and under three perturbation families
 (:mod:`experiments.perturbations`): absolute embedding noise, noise scaled to the model's embedding RMS,
@@ -62,6 +63,9 @@ HELP = "robustness of the margin barrier against CE-only and peers, with seeds, 
 MIN_SEEDS = 3
 """Seeds an arm needs (and CE-only with it) before it gets a verdict."""
 
+MATCH_TOLERANCE_PERCENT = 0.5
+"""A peer is at a margin model's clean cost when their validation BPC (seed means) differ by at most this."""
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -71,6 +75,9 @@ class Arm:
     method: str
     strength: float
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    matched_to: str | None = None
+    """For a peer: the margin arm whose clean validation BPC its strength is tuned to (within
+    :data:`MATCH_TOLERANCE_PERCENT`), and with which it is compared directly."""
 
     def config(self, seed: int, preset: str = "default", epochs: int | None = None) -> RunConfig:
         """The run of this arm with ``seed``: the preset (the default 20-epoch run) with the arm's overrides."""
@@ -93,10 +100,13 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     _margin("margin-positive-full-lambda0.05", "full prior, positive coupling, learned sigma", 0.05,
             coupling="barrier", density="full", learn_sigma=True),
     _margin("margin-layernorm-lambda0.05", "margin on layer-normalised embeddings", 0.05, input_norm=True),
-    Arm("noise-0.02", "noise injection", 0.02, {"train": {"embed_noise": 0.02}}),
-    Arm("jacobian-1e-07", "Jacobian regularisation", 1e-7, {"train": {"jacobian_reg": 1e-7}}),
+    Arm("noise-0.02", "noise injection", 0.02, {"train": {"embed_noise": 0.02}}, matched_to="margin-free-lambda0.02"),
+    Arm("noise-0.03", "noise injection", 0.03, {"train": {"embed_noise": 0.03}}, matched_to="margin-free-lambda0.05"),
+    Arm("jacobian-1e-07", "Jacobian regularisation", 1e-7, {"train": {"jacobian_reg": 1e-7}},
+        matched_to="margin-free-lambda0.05"),
 ]}
-"""The arms, by name. Strengths of the peers are tuned on validation to a margin model's clean cost."""
+"""The arms, by name. The peers' strengths are tuned on validation to a margin arm's clean cost: noise
+injection's cost grows about as sigma^2 (+0.9% at 0.02 against lambda_m = 0.05's +2.0%), hence 0.03."""
 
 PERTURBATIONS: tuple[Perturbation, ...] = (
     *(Perturbation("noise", s) for s in (0.01, 0.02, 0.03, 0.04)),
@@ -225,12 +235,13 @@ def _matrix(models: list[dict[str, Any]], split: str, label: str) -> np.ndarray:
     return np.array([m["splits"][split]["bpc"][label] for m in models])  # (seeds, windows)
 
 
-def compare(arm_models: list[dict[str, Any]], ce_models: list[dict[str, Any]], split: str,
+def compare(arm_models: list[dict[str, Any]], reference_models: list[dict[str, Any]], split: str,
             draws: int, seed: int) -> dict[str, Any]:
-    """The arm against CE-only on one split, paired by seed: the clean cost and, per perturbation level, the
-    difference in BPC and in relative degradation, each with a bootstrap interval and a verdict."""
-    ce_by_seed = {m["seed"]: m for m in ce_models}
-    paired = [(m, ce_by_seed[m["seed"]]) for m in arm_models if m["seed"] in ce_by_seed]
+    """The arm against a reference arm (CE-only, or a peer's matched margin arm) on one split, paired by seed:
+    the clean cost and, per perturbation level, the difference in BPC and in relative degradation, each with
+    a bootstrap interval and a verdict."""
+    reference_by_seed = {m["seed"]: m for m in reference_models}
+    paired = [(m, reference_by_seed[m["seed"]]) for m in arm_models if m["seed"] in reference_by_seed]
     if len(paired) < MIN_SEEDS:
         return {"seeds": [m["seed"] for m, _ in paired], "verdict": f"fewer than {MIN_SEEDS} paired seeds"}
     ours, ref = [m for m, _ in paired], [c for _, c in paired]
@@ -260,6 +271,30 @@ def compare(arm_models: list[dict[str, Any]], ce_models: list[dict[str, Any]], s
     return result
 
 
+def matched_cost(peer_models: list[dict[str, Any]], margin_models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Is the peer at the margin arm's clean cost? Their clean validation BPC (means over seeds) and the
+    peer's difference in percent, ``matched`` when within :data:`MATCH_TOLERANCE_PERCENT`."""
+    peer = float(np.mean([np.mean(m["splits"]["val"]["bpc"]["clean"]) for m in peer_models]))
+    margin = float(np.mean([np.mean(m["splits"]["val"]["bpc"]["clean"]) for m in margin_models]))
+    percent = 100 * (peer / margin - 1)
+    return {"peer_val_clean_bpc": peer, "margin_val_clean_bpc": margin, "difference_percent": percent,
+            "peer_seeds": len(peer_models), "margin_seeds": len(margin_models),
+            "matched": abs(percent) <= MATCH_TOLERANCE_PERCENT}
+
+
+def matched_comparisons(arms: list[Arm], scores: dict[str, list[dict[str, Any]]], draws: int,
+                        seed: int) -> dict[str, dict[str, Any]]:
+    """Each peer against the margin arm it is tuned to, where both were scored: the cost match and, per
+    split, the paired comparison (``better``: the peer has the lower BPC)."""
+    out = {}
+    for arm in arms:
+        if arm.matched_to and scores.get(arm.name) and scores.get(arm.matched_to):
+            peer, margin = scores[arm.name], scores[arm.matched_to]
+            out[arm.name] = {"margin_arm": arm.matched_to, "cost": matched_cost(peer, margin),
+                             **{split: compare(peer, margin, split, draws, seed) for split in ("val", "test")}}
+    return out
+
+
 # ------------------------------------------------------------------------------------------ output
 def summary_record(scores: dict[str, Any], arm: Arm) -> dict[str, Any]:
     """One model's line of ``summary.json``."""
@@ -273,8 +308,8 @@ def summary_record(scores: dict[str, Any], arm: Arm) -> dict[str, Any]:
     return record
 
 
-def verdict_table(comparisons: dict[str, dict[str, Any]], split: str) -> str:
-    """Arms x perturbation levels: the verdict and the BPC difference against CE-only with its interval."""
+def verdict_table(comparisons: dict[str, dict[str, Any]], split: str, reference: str = "CE-only") -> str:
+    """Arms x perturbation levels: the verdict and the BPC difference against the reference with its interval."""
     labels = ["clean cost %"] + [p.label for p in PERTURBATIONS]
     rows = []
     for name, by_split in comparisons.items():
@@ -289,7 +324,19 @@ def verdict_table(comparisons: dict[str, dict[str, Any]], split: str) -> str:
             d = lv["bpc_difference"]
             cells.append(f"{lv['bpc_verdict']} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
         rows.append([name] + cells)
-    return markdown_table(["arm vs CE-only"] + labels, rows)
+    return markdown_table([f"arm vs {reference}"] + labels, rows)
+
+
+def matched_table(matched: dict[str, dict[str, Any]], split: str) -> str:
+    """The peers against their margin arms: the clean-cost match on validation, then :func:`verdict_table`."""
+    rows = [[peer, m["margin_arm"], m["cost"]["peer_val_clean_bpc"], m["cost"]["margin_val_clean_bpc"],
+             f"{m['cost']['difference_percent']:+.2f}", "yes" if m["cost"]["matched"] else "no"]
+            for peer, m in matched.items()]
+    match = markdown_table(["peer", "margin arm", "peer val BPC", "margin val BPC", "difference %",
+                            f"matched (within {MATCH_TOLERANCE_PERCENT}%)"], rows)
+    verdicts = verdict_table({f"{peer} vs {m['margin_arm']}": m for peer, m in matched.items()}, split,
+                             reference="its margin arm")
+    return match + "\n\n" + verdicts
 
 
 def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
@@ -330,13 +377,17 @@ def run(args: argparse.Namespace) -> int:
     comparisons = {arm.name: {split: compare(scores[arm.name], scores["ce"], split, args.bootstrap, args.noise_seed)
                               for split in ("val", "test")}
                    for arm in arms if arm.name != "ce"}
+    matched = matched_comparisons(arms, scores, args.bootstrap, args.noise_seed)
     device = device_name(resolve_device(args.device))
     meta = provenance(device, watch.seconds, seeds=args.seeds, noise_seed=args.noise_seed, draws=args.draws,
                       missing=missing)
-    write_json(args.out / "summary.json", {"models": records, "comparisons": comparisons, "meta": meta,
-                                           "perturbations": [p.label for p in PERTURBATIONS]})
+    write_json(args.out / "summary.json", {"models": records, "comparisons": comparisons, "matched": matched,
+                                           "meta": meta, "perturbations": [p.label for p in PERTURBATIONS]})
     figures = [plot(records, split, args.out / f"robustness_{split}.png") for split in ("val", "test") if records]
     sections = [f"## {split}\n\n" + verdict_table(comparisons, split) for split in ("val", "test")]
+    if matched:
+        sections += [f"## Peers at matched clean cost, {split}\n\n" + matched_table(matched, split)
+                     for split in ("val", "test")]
     if missing:
         sections.append("Not finished: " + "; ".join(missing))
     write_markdown(args.out / "README.md", "Robustness study", sections, meta)

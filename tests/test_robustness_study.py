@@ -16,7 +16,7 @@ def study_args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
     return parser.parse_args([
-        "--preset", "tiny", "--arms", "ce", "noise-0.02", "--runs-dir", str(tmp_path / "runs"),
+        "--preset", "tiny", "--arms", "ce", "noise-0.02", "margin-free-lambda0.02", "--runs-dir", str(tmp_path / "runs"),
         "--out", str(tmp_path / "out"), "--reuse", "--max-windows", "6", "--draws", "1", "--bootstrap", "50",
         "--no-progress", *extra,
     ])
@@ -32,7 +32,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_every_arm_and_seed_is_trained_scored_and_described(finished: tuple[Path, dict]) -> None:
     tmp_path, summary = finished
     assert sorted((r["arm"], r["seed"]) for r in summary["models"]) == [
-        ("ce", 0), ("ce", 1), ("ce", 2), ("noise-0.02", 0), ("noise-0.02", 1), ("noise-0.02", 2)]
+        (arm, seed) for arm in ("ce", "margin-free-lambda0.02", "noise-0.02") for seed in (0, 1, 2)]
     record = summary["models"][0]
     assert set(record["val_bpc"]) == {"clean", *summary["perturbations"]}
     assert {r["regime"]["name"] for r in summary["models"] if r["arm"] == "ce"} == {"prior not trained"}
@@ -50,6 +50,23 @@ def test_each_arm_is_compared_with_ce_only_at_every_level_with_an_interval(finis
         assert d["low"] <= d["estimate"] <= d["high"]
         assert cell["bpc_verdict"] in ("better", "worse", "not distinguishable")
     assert "ce" not in summary["comparisons"]
+
+
+def test_a_peer_is_compared_with_the_margin_arm_whose_clean_cost_it_is_tuned_to(finished: tuple[Path, dict]) -> None:
+    _, summary = finished
+    matched = summary["matched"]["noise-0.02"]
+    assert matched["margin_arm"] == study.ARMS["noise-0.02"].matched_to == "margin-free-lambda0.02"
+    cost = matched["cost"]
+    assert cost["difference_percent"] == pytest.approx(
+        100 * (cost["peer_val_clean_bpc"] / cost["margin_val_clean_bpc"] - 1))
+    assert cost["matched"] == (abs(cost["difference_percent"]) <= study.MATCH_TOLERANCE_PERCENT)
+    assert matched["test"]["seeds"] == [0, 1, 2] and set(matched["test"]["levels"]) == set(summary["perturbations"])
+
+
+def test_every_peer_is_tuned_to_a_margin_arm_of_the_study() -> None:
+    for arm in study.ARMS.values():
+        if arm.name.startswith(("noise-", "jacobian-")):
+            assert arm.matched_to in study.ARMS and study.ARMS[arm.matched_to].overrides["train"]["lambda_m"] > 0
 
 
 def test_a_second_run_reuses_the_trained_runs_and_the_cached_scores(finished: tuple[Path, dict]) -> None:
@@ -83,5 +100,6 @@ def test_the_results_page_shows_the_verdicts_and_every_models_regime(finished: t
     _, summary = finished
     text = "\n".join(robustness_section(summary))
     assert "| noise-0.02 |" in text and "relative_noise=0.5" in text
-    assert text.count("| ce |") == 3 and text.count("| noise-0.02 |") == 3 + 2  # every model, and a verdict row per split
+    assert text.count("| ce |") == 3 and text.count("| noise-0.02 |") == 3 + 2 + 2  # every model; a verdict and a match row per split
+    assert "| noise-0.02 vs margin-free-lambda0.02 |" in text
     assert "Produced by" in text
