@@ -3,7 +3,8 @@ r"""Posteriors over embedding trajectories: SVI with autoguides, ArviZ conversio
 Variational inference fits a Gaussian over the whole trajectory ``x`` (``(T, d)``) of
 :class:`~inference.trajectory.TrajectoryModel` with ``pyro.infer.SVI`` and ``Trace_ELBO``: ``AutoNormal``
 (mean field) or ``AutoLowRankMultivariateNormal`` (``W W^T + diag``). The network is frozen, so only the
-guide learns. The particle filter lives in :mod:`inference.smc`; both produce posterior samples that
+guide learns. The particle filter lives in :mod:`inference.smc`, the filtering SVI posterior (one guide grown
+and refitted per character) in :mod:`inference.svi_filter`; all produce posterior samples that
 :func:`to_inference_data` turns into an ``arviz.InferenceData`` (one chain per independent fit or run).
 
 The posterior predictive of the next character after ``x_{1:t}`` averages the GPT's softmax over
@@ -90,7 +91,8 @@ class SVIConfig:
 
     Args:
         guide: ``"normal"`` (``AutoNormal``) or ``"lowrank"`` (``AutoLowRankMultivariateNormal``).
-        steps: optimisation steps; lr: Adam's learning rate.
+        steps: optimisation steps (of :class:`~inference.svi_filter.SVIFilter`: of each refit, one per prediction);
+            lr: Adam's learning rate (the filter's parameters are in units of ``tau``).
         num_particles: ELBO samples per step (vectorised).
         rank: the low-rank guide's rank (Pyro's default ``ceil(sqrt(T d))`` when ``None``).
         seed: Pyro's RNG seed for the fit.
@@ -174,8 +176,11 @@ def to_inference_data(chains: Tensor) -> az.InferenceData:
 
 
 def convergence(idata: az.InferenceData) -> dict[str, float]:
-    """The smallest bulk ESS and, with two chains or more, the largest split R-hat over all coordinates of ``x``."""
-    out = {"ess_bulk_min": float(az.ess(idata, var_names=["x"])["x"].min())}
+    """The smallest and the median bulk ESS and, with two chains or more, the largest and the median split R-hat over
+    all coordinates of ``x`` (with thousands of coordinates the extremes alone mostly measure their count)."""
+    ess = az.ess(idata, var_names=["x"])["x"]
+    out = {"ess_bulk_min": float(ess.min()), "ess_bulk_median": float(ess.median())}
     if idata.posterior.sizes["chain"] >= 2:
-        out["rhat_max"] = float(az.rhat(idata, var_names=["x"])["x"].max())
+        rhat = az.rhat(idata, var_names=["x"])["x"]
+        out.update(rhat_max=float(rhat.max()), rhat_median=float(rhat.median()))
     return out
