@@ -5,14 +5,18 @@ posterior predictive ``p(y_{t+1} | y_{1:t}) = E_{x ~ p(x | y)}[softmax(decode(x)
 
 * ``"smc"``: the particle filter of :mod:`inference.smc`, extended one character at a time (the chosen
   character is then observed: it reweights the particles and anchors the next embedding);
-* ``"svi"``: a low-rank Gaussian guide refitted over the whole trajectory after each character,
-  warm-started at the previous fit's mean.
+* ``"svi"``: the filtering variational posterior of :mod:`inference.svi_filter`, one Gaussian guide over the
+  growing trajectory, refitted with ``svi.steps`` warm-started SVI steps before each prediction (the first one
+  after reading the whole prompt).
+
+Both read the prompt the same way, extending by each character and observing the one after it.
 
 Every generated character carries the :class:`~inference.posterior.PredictiveSignals` it was chosen with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -20,8 +24,9 @@ import torch
 from torch import Tensor
 
 from .map.config import check_bool, check_choice, check_number
-from .posterior import PredictiveSignals, SVIConfig, fit_svi, samples_signals
+from .posterior import PredictiveSignals, SVIConfig
 from .smc import TrajectorySMC
+from .svi_filter import SVIFilter
 from .trajectory import TrajectoryModel
 
 __all__ = ["DecodeConfig", "GeneratedCharacter", "generate"]
@@ -36,7 +41,7 @@ class DecodeConfig:
         particles: SMC particles, or guide samples per prediction (SVI).
         greedy: take the predictive's most probable character; otherwise sample it.
         ess_threshold: SMC resampling threshold (fraction of the particles).
-        svi: the SVI fit's settings (``"svi"`` only).
+        svi: the SVI filter's settings, ``steps`` per prediction (``"svi"`` only; seeded by ``seed``).
         seed: proposals, resampling and sampling.
     """
 
@@ -74,7 +79,9 @@ def generate(model: TrajectoryModel, prompt: Tensor, length: int,
         raise ValueError(f"prompt ({prompt.shape[0]}) + length ({length}) exceed the GPT's context of "
                          f"{model.gpt.config.block_size} + 1 characters")
     generator = torch.Generator(device=prompt.device).manual_seed(config.seed)
-    predict = _smc_predictor(model, prompt, config) if config.method == "smc" else _svi_predictor(model, prompt, config)
+    posterior = (TrajectorySMC(model, config.particles, config.ess_threshold, config.seed) if config.method == "smc"
+                 else SVIFilter(model, replace(config.svi, seed=config.seed), config.particles))
+    predict = _predictor(posterior, prompt)
     out: list[GeneratedCharacter] = []
     for i in range(length):
         signals = predict(None if i == 0 else out[-1].token)
@@ -84,37 +91,19 @@ def generate(model: TrajectoryModel, prompt: Tensor, length: int,
     return out
 
 
-def _smc_predictor(model: TrajectoryModel, prompt: Tensor, config: DecodeConfig):
-    """A function ``new token (or None) -> signals`` over a particle filter that has read the prompt."""
-    smc = TrajectorySMC(model, config.particles, config.ess_threshold, config.seed)
+def _predictor(posterior: TrajectorySMC | SVIFilter, prompt: Tensor) -> Callable[[int | None], PredictiveSignals]:
+    """A function ``new token (or None) -> signals`` over a filter that has read the prompt: extended by each of its
+    characters and observing the one after it (the character after the last is observed once it is chosen)."""
     tokens = prompt.tolist()
     for t, token in enumerate(tokens):
-        smc.extend(token)
+        posterior.extend(token)
         if t + 1 < len(tokens):
-            smc.observe(tokens[t + 1])
+            posterior.observe(tokens[t + 1])
 
     def predict(new: int | None) -> PredictiveSignals:
         if new is not None:
-            smc.observe(new)
-            smc.extend(new)
-        return smc.predict()
-
-    return predict
-
-
-def _svi_predictor(model: TrajectoryModel, prompt: Tensor, config: DecodeConfig):
-    """A function ``new token (or None) -> signals`` refitting a guide to the growing trajectory."""
-    ids = prompt.clone()
-    mean: Tensor | None = None
-
-    def predict(new: int | None) -> PredictiveSignals:
-        nonlocal ids, mean
-        if new is not None:
-            ids = torch.cat([ids, ids.new_tensor([new])])
-        anchors = model.anchors(ids)
-        init = anchors if mean is None else torch.cat([mean, anchors[mean.shape[0]:]])
-        fit = fit_svi(model, ids, ids[1:], replace(config.svi, seed=config.seed + ids.shape[0]), init=init)
-        mean = fit.mean()
-        return samples_signals(model, fit.sample(config.particles))
+            posterior.observe(new)
+            posterior.extend(new)
+        return posterior.predict()
 
     return predict
