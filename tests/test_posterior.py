@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from experiments.cli import main as cli_main
+from experiments.decoding_study import COMBINED, SIGNALS, run_facts, signal_table
 from experiments.selective import aurc, auroc, cross_fitted_logistic, oracle_aurc, risk_coverage
 from inference.decoding import DecodeConfig, generate
 from inference.map import MAPTrainer, RunConfig
@@ -31,6 +32,8 @@ from prob_attention.gpt import GPTConfig, SmallGPT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_model(dim: int = 4, vocab: int = 5, block: int = 8, weight_scale: float | None = None,
@@ -270,14 +273,44 @@ def test_decode_cli_rejects_an_empty_prompt_or_unknown_characters(
     assert rc == 2 and message in capsys.readouterr().err
 
 
-def test_decoding_study_quick_writes_json_markdown_and_png(tiny_run: Path, tmp_path: Path) -> None:
+def test_decoding_study_quick_writes_both_posteriors_signals_diagnostics_and_costs(tiny_run: Path,
+                                                                                   tmp_path: Path) -> None:
     out = tmp_path / "study"
     rc = cli_main(["decoding-study", "--run-dirs", str(tiny_run), "--quick", "--sigma", "0.05", "--out", str(out),
-                   "--device", "cpu"])
+                   "--device", "cpu", "--no-progress"])
     assert rc == 0
-    results = json.loads((out / "results.json").read_text())["runs"]
-    assert results[0]["positions"] == 32 and set(results[0]["metrics"]) >= {"smc_mi", "map_entropy", "cf_map_smc_mi"}
-    assert "AUROC" in (out / "table.md").read_text() and (out / "risk_coverage.png").stat().st_size > 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["positions"] == 32 and run["posteriors"] == ["smc", "svi"]
+    assert set(run["metrics"]) == set(SIGNALS) | set(COMBINED)
+    assert set(run["curves"]) == set(SIGNALS)
+    assert set(run["cost"]) == {"smc", "svi"} and run["cost"]["svi"]["steps_per_position"] == 5
+    assert all(c["seconds_per_position"] > 0 for c in run["cost"].values())
+    assert 0 <= run["svi"]["elbo"]["unsettled_fraction"] <= 1 and run["svi"]["elbo"]["refits"] == 32
+    assert run["svi"]["arviz"]["chains"] == 2 and math.isfinite(run["svi"]["arviz"]["rhat_max"])
+    table = (out / "table.md").read_text()
+    assert "SVI mutual information" in table and "ms per position" in table
+    assert (out / "risk_coverage.png").stat().st_size > 0
+
+
+def test_decoding_study_scores_only_the_posteriors_asked_for(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    assert cli_main(["decoding-study", "--run-dirs", str(tiny_run), "--quick", "--sigma", "0.05", "--out", str(out),
+                     "--device", "cpu", "--no-progress", "--posteriors", "svi", "--svi-steps", "1",
+                     "--svi-chains", "0"]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert "cf_map_svi_mi" in run["metrics"]
+    assert not any(k.startswith(("smc", "cf_map_smc", "neg_", "cf_map_neg")) for k in run["metrics"])
+    assert "smc_error_rate" not in run and set(run["cost"]) == {"svi"}
+    assert run["svi"]["elbo"] is None and run["svi"]["arviz"] is None  # one step: nothing to settle; no chains
+    assert "SVI:" in run_facts([run]) and "SMC:" not in run_facts([run])
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (REPO / "results").glob("decoding*/results.json")))
+def test_every_committed_decoding_study_still_renders(folder: str) -> None:
+    runs = json.loads((REPO / "results" / folder / "results.json").read_text())["runs"]
+    table = signal_table(runs)
+    assert all(label in table for key, label in {**SIGNALS, **COMBINED}.items() if key in runs[0]["metrics"])
+    assert all(Path(r["run_dir"]).name in run_facts(runs) for r in runs)
 
 
 def test_cross_fitted_logistic_scores_each_fold_with_a_model_fitted_on_the_others() -> None:
