@@ -459,7 +459,7 @@ class MAPTrainer:
             "device": device_name(self.device) + (f" x{self.world}" if self.world > 1 else ""),
         }
         if self.net.log_sigma is not None:
-            record["sigma"] = float(self.net.sigma)
+            record["sigma"] = float(self.net.sigma.detach())
         if self.rank == 0:
             record["train_bpc"] = evaluate(self.net, *train_eval, tc.batch_size, self.amp)["bpc"]
             record.update({f"val_{k}": v for k, v in evaluate(self.net, *val, tc.batch_size, self.amp).items()})
