@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from inference.checkpoint import require_regular_or_new, write_text_atomic
 
-from .decoding_study import signal_table
+from .decoding_study import run_facts, signal_table
 from .regularization_path import OPTIMUM_KEYS, draws_phrase
 from .report import markdown_table
 from .robustness_study import matched_table, verdict_table
@@ -237,16 +237,16 @@ def support_section(res: dict[str, Any]) -> list[str]:
 
 
 def decoding_section(res: dict[str, Any], folder: str = "decoding") -> list[str]:
+    """The decoding study: each signal's AUROC / AURC per run, and each run's facts (size, error rates, each
+    posterior's settings, cost per position and diagnostics)."""
     runs = res["runs"]
     ratio = runs[0]["tau"] / runs[0]["sigma"]
+    posteriors = " and ".join(p.upper() for p in runs[0].get("posteriors", ["smc"]))
     return [
-        f"## Uncertainty signals for next-character errors (posterior, SMC; tau = {ratio:.2g} sigma, "
-        f"{runs[0]['particles']} particles)",
+        f"## Uncertainty signals for next-character errors (posterior: {posteriors}; tau = {ratio:.2g} sigma)",
         signal_table(runs),
-        ("Top-1 error rate of the MAP model (the event predicted) and of the SMC posterior predictive: " + ", ".join(
-            f"{Path(r['run_dir']).name} {r['error_rate']:.3f} / {r['smc_error_rate']:.3f} ({r['positions']} positions, "
-            f"{r['particles']} particles, oracle AURC {r['oracle_aurc']:.3f})" for r in runs)
-         + f". {_provenance(res['provenance'])} ![risk-coverage](../results/{folder}/risk_coverage.png)"),
+        run_facts(runs),
+        f"{_provenance(res['provenance'])} ![risk-coverage](../results/{folder}/risk_coverage.png)",
     ]
 
 
@@ -345,6 +345,10 @@ SECTIONS = [
     ("decoding_tau0.1_p128/results.json", partial(decoding_section, folder="decoding_tau0.1_p128"),
      "prob-attention decoding-study --run-dirs CE MARGIN --tau-ratio 0.1 --windows 8 --particles 128 "
      "--out results/decoding_tau0.1_p128"),
+    ("decoding_svi/results.json", partial(decoding_section, folder="decoding_svi"),
+     "prob-attention decoding-study --run-dirs CE MARGIN --tau-ratio 0.5 --windows 64 --out results/decoding_svi"),
+    ("decoding_svi_w8/results.json", partial(decoding_section, folder="decoding_svi_w8"),
+     "prob-attention decoding-study --run-dirs CE MARGIN --tau-ratio 0.5 --windows 8 --out results/decoding_svi_w8"),
     ("robustness_study/summary.json", robustness_section, "prob-attention robustness-study"),
 ]
 

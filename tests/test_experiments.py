@@ -205,3 +205,14 @@ def test_a_recorded_command_from_a_fresh_clone_reads_committed_runs_not_another_
                 flag = word
             elif flag in inputs and not word.startswith("runs/"):  # runs/: scratch that the command trains into
                 assert (REPO / word).exists(), f"{word} in {command}"
+
+
+@pytest.mark.parametrize("folder", ["decoding", "decoding_svi_w8"])
+def test_the_results_page_names_each_decoding_studys_posteriors_and_their_costs(folder: str) -> None:
+    res = json.loads((REPO / "results" / folder / "results.json").read_text())
+    text = "\n".join(results_page.decoding_section(res, folder=folder))
+    posteriors = res["runs"][0].get("posteriors", ["smc"])
+    assert f"(posterior: {' and '.join(p.upper() for p in posteriors)};" in text
+    assert "SMC: 16 particles" in text and ("SVI: normal guide" in text) == ("svi" in posteriors)
+    assert ("ms per position" in text) == ("cost" in res["runs"][0])
+    assert f"../results/{folder}/risk_coverage.png" in text
