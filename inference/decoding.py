@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .map.config import check_bool, check_choice, check_number
-from .posterior import PredictiveSignals, SVIConfig
+from .posterior import PredictiveSignals, SequentialFilter, SVIConfig
 from .smc import TrajectorySMC
 from .svi_filter import SVIFilter
 from .trajectory import TrajectoryModel
@@ -91,7 +91,7 @@ def generate(model: TrajectoryModel, prompt: Tensor, length: int,
     return out
 
 
-def _predictor(posterior: TrajectorySMC | SVIFilter, prompt: Tensor) -> Callable[[int | None], PredictiveSignals]:
+def _predictor(posterior: SequentialFilter, prompt: Tensor) -> Callable[[int | None], PredictiveSignals]:
     """A function ``new token (or None) -> signals`` over a filter that has read the prompt: extended by each of its
     characters and observing the one after it (the character after the last is observed once it is chosen)."""
     tokens = prompt.tolist()

@@ -16,6 +16,7 @@ posterior samples ``x^(i)`` with weights ``w_i``: ``p(y) = sum_i w_i p_i(y)``. I
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -39,6 +40,7 @@ __all__ = [
     "PredictiveSignals",
     "SVIConfig",
     "SVIFit",
+    "SequentialFilter",
     "convergence",
     "fit_svi",
     "predictive_signals",
@@ -63,6 +65,41 @@ class PredictiveSignals:
     mutual_information: float
     margin: float
     ess: float | None
+
+
+class SequentialFilter(ABC):
+    """A posterior over the trajectory that reads a text one character at a time: :meth:`extend` by ``y_t``,
+    :meth:`predict` ``y_{t+1}``, :meth:`observe` the character ``n_t`` that follows (the particle filter, the SVI
+    filter). At its prediction after ``y_t`` it conditions on ``y_{1:t}`` and ``n_{1:t-1}``."""
+
+    @abstractmethod
+    def extend(self, token: int) -> None:
+        """Read the next character ``y_t = token``."""
+
+    @abstractmethod
+    def observe(self, next_char: int) -> None:
+        """Observe the character ``n_t`` after the last one read."""
+
+    @abstractmethod
+    def predict(self) -> PredictiveSignals:
+        """The predictive of the character after the last one read, and its signals."""
+
+    def run(self, idx: Tensor, next_chars: Tensor | None = None) -> list[PredictiveSignals]:
+        """Filter through a text: per position ``t``, extend by ``y_t``, predict ``y_{t+1}``, observe it if given.
+
+        Args:
+            idx: ``(T,)`` characters; next_chars: ``(T',)``, ``T' <= T`` (default ``idx[1:]``).
+
+        Returns the ``T`` predictive signals (the one at ``t`` uses ``y_{1:t}`` and ``n_{1:t-1}`` only).
+        """
+        next_chars = idx[1:] if next_chars is None else next_chars
+        signals = []
+        for t, token in enumerate(idx.tolist()):
+            self.extend(token)
+            signals.append(self.predict())
+            if t < next_chars.shape[0]:
+                self.observe(int(next_chars[t]))
+        return signals
 
 
 def predictive_signals(probs: Tensor, weights: Tensor | None, margin: float, ess: float | None = None) -> PredictiveSignals:

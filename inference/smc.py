@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor
 
-from .posterior import PredictiveSignals, predictive_signals
+from .posterior import PredictiveSignals, SequentialFilter, predictive_signals
 from .trajectory import TrajectoryModel
 
 __all__ = ["ParticleCollapse", "TrajectorySMC", "smc_draws", "systematic_indices"]
@@ -54,7 +54,7 @@ class ParticleCollapse(RuntimeError):
     """Every particle has weight zero (all ``z -> x`` solves failed, or the observations are impossible)."""
 
 
-class TrajectorySMC:
+class TrajectorySMC(SequentialFilter):
     """A particle filter for one text, driven step by step (``extend``, ``predict``, ``observe``) or by :meth:`run`.
 
     Args:
@@ -130,8 +130,7 @@ class TrajectorySMC:
         anchor = tm.anchors(torch.tensor(self.tokens + [token], device=self.x.device))[-1]  # (d,)
         guess = torch.cat([self.x, anchor.expand(self.num_particles, 1, -1)], dim=1)
         c_guess = tm.transform.attend(guess, start=t).context[:, 0]  # (P, d)
-        ratio = tm.sigma**2 / (tm.sigma**2 + tm.tau**2)
-        loc, scale = ratio * (anchor - c_guess), math.sqrt(ratio) * tm.tau
+        loc, scale = tm.anchor_ratio * (anchor - c_guess), math.sqrt(tm.anchor_ratio) * tm.tau
         z = loc + scale * torch.randn(loc.shape, generator=self.generator, device=loc.device, dtype=loc.dtype)
         x_t, ok = self._solve(z, t, guess=z + c_guess)
         seqs = torch.cat([self.x, x_t.unsqueeze(1)], dim=1)  # (P, t+1, d)
@@ -174,23 +173,6 @@ class TrajectorySMC:
         if not self.tokens:
             raise ValueError("observe needs at least one observed character (call extend first)")
         self._add_log_weights(self._next_log_probs()[:, int(next_char)])
-
-    def run(self, idx: Tensor, next_chars: Tensor | None = None) -> list[PredictiveSignals]:
-        """Filter through a text: per position ``t``, extend by ``y_t``, predict ``y_{t+1}``, observe it if given.
-
-        Args:
-            idx: ``(T,)`` characters; next_chars: ``(T',)``, ``T' <= T`` (default ``idx[1:]``).
-
-        Returns the ``T`` predictive signals (the one at ``t`` uses ``y_{1:t}`` only).
-        """
-        next_chars = idx[1:] if next_chars is None else next_chars
-        signals = []
-        for t, token in enumerate(idx.tolist()):
-            self.extend(token)
-            signals.append(self.predict())
-            if t < next_chars.shape[0]:
-                self.observe(int(next_chars[t]))
-        return signals
 
     def posterior_samples(self, num_samples: int) -> Tensor:
         """``num_samples`` trajectories ``(n, t, d)`` drawn (systematically) from the weighted particles."""

@@ -52,13 +52,13 @@ from torch import Tensor
 from torch.distributions import biject_to
 from torch.distributions.transforms import ReshapeTransform
 
-from .posterior import PredictiveSignals, SVIConfig, samples_signals
+from .posterior import PredictiveSignals, SequentialFilter, SVIConfig, samples_signals
 from .trajectory import TrajectoryModel, frozen
 
 __all__ = ["SVIFilter", "elbo_settling", "filter_draws"]
 
 
-class SVIFilter:
+class SVIFilter(SequentialFilter):
     """A filtering SVI posterior for one text, driven by ``extend``, ``observe``, ``predict`` or by :meth:`run`
     (module docstring).
 
@@ -133,7 +133,7 @@ class SVIFilter:
         if t >= tm.gpt.config.block_size:
             raise ValueError(f"the trajectory is full: the GPT reads at most {tm.gpt.config.block_size} characters")
         anchor = tm.anchors(torch.tensor(self.tokens + [int(token)], device=tm.transform.w_k.device))[-1]  # (d,)
-        scale = math.sqrt(tm.sigma**2 / (tm.sigma**2 + tm.tau**2))  # in units of tau
+        scale = math.sqrt(tm.anchor_ratio)  # in units of tau
         scale *= math.sqrt(0.5) if self.rank else 1.0  # "lowrank": the marginal scale starts there (as the autoguides)
         block = [anchor / tm.tau, self._positive.inv(torch.full_like(anchor, scale))]
         if self.rank:
@@ -183,24 +183,6 @@ class SVIFilter:
             samples = self.distribution().sample((self.num_samples,))  # (S, t, d)
         self.filtered.append(samples[:, -1])
         return samples_signals(self.model, samples)
-
-    def run(self, idx: Tensor, next_chars: Tensor | None = None) -> list[PredictiveSignals]:
-        """Filter through a text as :meth:`TrajectorySMC.run <inference.smc.TrajectorySMC.run>` does: per position
-        ``t``, extend by ``y_t``, predict ``y_{t+1}``, observe it if given.
-
-        Args:
-            idx: ``(T,)`` characters; next_chars: ``(T',)``, ``T' <= T`` (default ``idx[1:]``).
-
-        Returns the ``T`` predictive signals (the one at ``t`` uses ``y_{1:t}`` and ``n_{1:t-1}`` only).
-        """
-        next_chars = idx[1:] if next_chars is None else next_chars
-        signals = []
-        for t, token in enumerate(idx.tolist()):
-            self.extend(token)
-            signals.append(self.predict())
-            if t < next_chars.shape[0]:
-                self.observe(int(next_chars[t]))
-        return signals
 
 
 def filter_draws(model: TrajectoryModel, idx: Tensor, next_chars: Tensor | None = None,

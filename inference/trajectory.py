@@ -120,6 +120,13 @@ class TrajectoryModel:
     def dim(self) -> int:
         return self.transform.dim
 
+    @property
+    def anchor_ratio(self) -> float:
+        """``r = sigma^2 / (sigma^2 + tau^2)``: where the context ``c_t`` does not depend on ``x_t``, the posterior of
+        ``z_t = x_t - c_t`` given the anchor ``embed(y)_t`` is ``N(r (embed(y)_t - c_t), r tau^2 I)`` (the product of
+        the prior ``N(0, sigma^2 I)`` and the emission ``N(x_t, tau^2 I)``)."""
+        return self.sigma**2 / (self.sigma**2 + self.tau**2)
+
     def anchors(self, idx: Tensor) -> Tensor:
         """``embed(y)``: the observed characters' embeddings, ``(T,) -> (T, d)`` (no gradient)."""
         self.check_tokens(idx)
