@@ -10,6 +10,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from tiny_models import random_model
 
 from experiments.cli import main as cli_main
 from experiments.decoding_study import COMBINED, SIGNALS, run_facts, signal_table
@@ -26,26 +27,11 @@ from inference.posterior import (
 )
 from inference.smc import TrajectorySMC, smc_draws
 from inference.trajectory import TrajectoryModel, empirical_sigma
-from prob_attention import CausalAttentionTransform
 from prob_attention.corpus import CharCorpus, bundled_articles
-from prob_attention.gpt import GPTConfig, SmallGPT
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def random_model(dim: int = 4, vocab: int = 5, block: int = 8, weight_scale: float | None = None,
-                 seed: int = 0) -> TrajectoryModel:
-    """A random GPT and a repulsive (globally invertible) prior; ``weight_scale`` re-draws every GPT weight."""
-    torch.manual_seed(seed)
-    gpt = SmallGPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=1, n_head=1, n_embd=dim)).eval()
-    if weight_scale is not None:
-        with torch.no_grad():
-            for p in gpt.parameters():
-                p.normal_(0.0, weight_scale)
-    return TrajectoryModel(gpt, CausalAttentionTransform(dim, coupling="repulsive"), sigma=1.0, tau=0.5)
 
 
 # ------------------------------------------------------------------------------------------- the model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
-from test_posterior import random_model
+from tiny_models import random_model
 
 from inference.posterior import SVIConfig, convergence, to_inference_data
 from inference.smc import TrajectorySMC
