@@ -8,7 +8,9 @@ fields differ from the default run), trained with several seeds:
   in the negative-coupling, dispersion-promoting regime;
 - ``margin-positive-*``: the paper's regime, positive coupling (``A = W_k^T W_k >= 0``, every
   ``log det J_tt <= 0``), kept from its trivial optimum ``A -> 0`` either by a coupling of fixed norm or by
-  the full prior density (Gaussian residual, learned sigma);
+  the full prior density (Gaussian residual, learned sigma); ``margin-positive-full-norm0.001-*`` is its
+  ablation, the same density with the coupling held near zero (uniform attention, ``log det J_tt ~ 0``): what
+  the Gaussian residual does without the barrier;
 - ``margin-layernorm-*``: the margin barrier on layer-normalised embeddings, which growing the embeddings
   cannot raise (a scale-free barrier);
 - ``noise-*`` and ``jacobian-*``: the peers, Gaussian noise injection into the decoded embeddings and
@@ -99,6 +101,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
             coupling="barrier", coupling_norm=16.0),
     _margin("margin-positive-full-lambda0.05", "full prior, positive coupling, learned sigma", 0.05,
             coupling="barrier", density="full", learn_sigma=True),
+    _margin("margin-positive-full-norm0.001-lambda0.05", "full prior, coupling held at |W_k| = 0.001 (no barrier)",
+            0.05, coupling="barrier", density="full", learn_sigma=True, coupling_norm=1e-3),
     _margin("margin-layernorm-lambda0.05", "margin on layer-normalised embeddings", 0.05, input_norm=True),
     Arm("noise-0.02", "noise injection", 0.02, {"train": {"embed_noise": 0.02}}, matched_to="margin-free-lambda0.02"),
     Arm("noise-0.03", "noise injection", 0.03, {"train": {"embed_noise": 0.03}}, matched_to="margin-free-lambda0.05"),
