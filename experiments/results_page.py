@@ -290,7 +290,8 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
            "the whole interval below 0). Perturbations: `noise` absolute Gaussian noise on the input embeddings, "
            "`relative_noise` the same in units of each model's embedding RMS, `substitution` the rate of "
            "character substitutions in the input text (scored against the clean next character). An arm with "
-           "fewer than three seeds paired with CE-only's gets no verdict."]
+           "fewer than three seeds paired with CE-only's gets no interval and no verdict: its row (\"screening\") "
+           "gives point estimates only, the mean over its seeds minus CE-only's over the same seeds."]
     for split in ("val", "test"):
         out += [f"**{'Validation' if split == 'val' else 'Test'}.**", verdict_table(res["comparisons"], split)]
     if res.get("matched"):

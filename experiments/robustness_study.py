@@ -246,9 +246,10 @@ def compare(arm_models: list[dict[str, Any]], reference_models: list[dict[str, A
     a bootstrap interval and a verdict."""
     reference_by_seed = {m["seed"]: m for m in reference_models}
     paired = [(m, reference_by_seed[m["seed"]]) for m in arm_models if m["seed"] in reference_by_seed]
-    if len(paired) < MIN_SEEDS:
-        return {"seeds": [m["seed"] for m, _ in paired], "verdict": f"fewer than {MIN_SEEDS} paired seeds"}
     ours, ref = [m for m, _ in paired], [c for _, c in paired]
+    if len(paired) < MIN_SEEDS:
+        return {"seeds": [m["seed"] for m in ours], "verdict": f"fewer than {MIN_SEEDS} paired seeds",
+                **({"screening": screening(ours, ref, split)} if paired else {})}
 
     def interval(statistic, **arrays: np.ndarray) -> Interval:
         return paired_bootstrap(arrays, statistic, draws=draws, seed=seed)
@@ -273,6 +274,17 @@ def compare(arm_models: list[dict[str, Any]], reference_models: list[dict[str, A
         verdicts = [v["bpc_verdict"] for k, v in result["levels"].items() if k.startswith(family + "=")]
         result[f"{family}_better_at_every_level"] = all(v == "better" for v in verdicts)
     return result
+
+
+def screening(ours: list[dict[str, Any]], ref: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    """Point estimates only, for an arm with too few seeds for an interval: its clean cost (percent) and its BPC
+    minus the reference's at every level (means over the paired seeds and the windows). A bootstrap over the
+    windows of one seed would leave out the seed-to-seed spread, so no interval and no verdict."""
+    def mean(models: list[dict[str, Any]], label: str) -> float:
+        return float(_matrix(models, split, label).mean())
+
+    return {"clean_cost_percent": 100 * (mean(ours, "clean") / mean(ref, "clean") - 1),
+            "bpc_difference": {p.label: mean(ours, p.label) - mean(ref, p.label) for p in PERTURBATIONS}}
 
 
 def matched_cost(peer_models: list[dict[str, Any]], margin_models: list[dict[str, Any]]) -> dict[str, Any]:
@@ -318,6 +330,12 @@ def verdict_table(comparisons: dict[str, dict[str, Any]], split: str, reference:
     rows = []
     for name, by_split in comparisons.items():
         c = by_split[split]
+        if "screening" in c:
+            seeds = len(c["seeds"])
+            cells = [f"{c['screening']['clean_cost_percent']:+.2f}"]
+            cells += [f"{c['screening']['bpc_difference'][p.label]:+.3f}" for p in PERTURBATIONS]
+            rows.append([f"{name} (screening: {seeds} seed{'s' if seeds > 1 else ''}, no verdict)"] + cells)
+            continue
         if "levels" not in c:
             rows.append([name] + [c["verdict"]] + [""] * (len(labels) - 1))
             continue

@@ -82,8 +82,23 @@ def test_an_arm_with_too_few_seeds_gets_no_verdict_and_missing_runs_are_listed(f
     args = study_args(tmp_path, "--no-train", "--seeds", "0", "1", "7", "--out", str(tmp_path / "out2"))
     assert study.run(args) == 0
     summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
-    assert "fewer than 3" in summary["comparisons"]["noise-0.02"]["val"]["verdict"]
+    comparison = summary["comparisons"]["noise-0.02"]["val"]
+    assert "fewer than 3" in comparison["verdict"] and "levels" not in comparison
     assert any("seed 7" in m for m in summary["meta"]["missing"])
+
+
+def test_an_arm_with_too_few_seeds_is_screened_by_point_estimates_without_an_interval(
+        finished: tuple[Path, dict], tmp_path: Path) -> None:
+    runs, _ = finished
+    args = study_args(runs, "--no-train", "--seeds", "0", "--out", str(tmp_path / "out"))
+    assert study.run(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    screened = summary["comparisons"]["noise-0.02"]["test"]["screening"]
+    ours, ce = ({r["arm"]: r for r in summary["models"]}[arm] for arm in ("noise-0.02", "ce"))
+    assert screened["clean_cost_percent"] == pytest.approx(100 * (ours["test_clean_bpc"] / ce["test_clean_bpc"] - 1))
+    for level, difference in screened["bpc_difference"].items():
+        assert difference == pytest.approx(ours["test_bpc"][level] - ce["test_bpc"][level])
+    assert "| noise-0.02 (screening: 1 seed, no verdict) |" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_a_finished_run_with_the_same_configuration_is_reused(finished: tuple[Path, dict], tmp_path: Path) -> None:
