@@ -17,7 +17,6 @@ from inference.trajectory import TrajectoryModel
 from prob_attention import CausalAttentionTransform, EmbeddingPrior, InversionError, scalar_transform
 from prob_attention.gpt import GPTConfig, SmallGPT
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops
 
 

@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 import torch
+from reference import autograd_jacobian, autograd_log_abs_det
 from torch.autograd.functional import jacobian
 
 from prob_attention import CausalAttentionTransform, InversionError, scalar_transform
-from reference import autograd_jacobian, autograd_log_abs_det
 
 D = 5
 HEADS = [(1, 2), (2, 2), (1, 5)]  # (n_heads, head_dim): low rank, multi-head low rank, full rank
