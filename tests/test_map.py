@@ -204,3 +204,12 @@ def test_data_parallel_training_on_two_cpu_processes(tmp_path: Path) -> None:
     assert "world size 2" in done.stdout + done.stderr
     loaded = load_trained(tmp_path)
     assert [r["epoch"] for r in loaded.history] == [1, 2]
+
+
+def test_the_epoch_line_prints_a_sequence_margin_of_zero_as_zero_and_a_missing_one_as_nan() -> None:
+    from inference.map.trainer import _format_record
+
+    record = {"epoch": 1, "train_clamped": 0, "seconds": 1.0, "val_informative_seq_margin_mean": 0.0}
+    assert "seq margin (t>=3) +0.0000" in _format_record(record)
+    del record["val_informative_seq_margin_mean"]
+    assert "seq margin (t>=3) +nan" in _format_record(record)

@@ -491,9 +491,10 @@ def _finite(forward: Callable[[Tensor], NetOutput]) -> Callable[[Tensor], NetOut
 
 
 def _format_record(r: dict[str, Any]) -> str:
-    line = (f"epoch {r['epoch']:>3}: train bpc {r.get('train_bpc', float('nan')):.4f}  "
-            f"val bpc {r.get('val_bpc', float('nan')):.4f}  barrier {r.get('val_barrier', float('nan')):+.4f}  "
-            f"seq margin (t>=3) {sequence_margin_of(r) or float('nan'):+.4f}  clamped {r['train_clamped']}  "
+    margin = sequence_margin_of(r)
+    line = (f"epoch {r['epoch']:>3}: train bpc {r.get('train_bpc', math.nan):.4f}  "
+            f"val bpc {r.get('val_bpc', math.nan):.4f}  barrier {r.get('val_barrier', math.nan):+.4f}  "
+            f"seq margin (t>=3) {math.nan if margin is None else margin:+.4f}  clamped {r['train_clamped']}  "
             f"({r['seconds']:.0f}s)")
     return line + (f"  sigma {r['sigma']:.3f}" if "sigma" in r else "")
 
