@@ -240,6 +240,11 @@ def _matrix(models: list[dict[str, Any]], split: str, label: str) -> np.ndarray:
     return np.array([m["splits"][split]["bpc"][label] for m in models])  # (seeds, windows)
 
 
+def _mean_bpc(models: list[dict[str, Any]], split: str, label: str) -> float:
+    """The models' BPC at one level, over their seeds and windows."""
+    return float(_matrix(models, split, label).mean())
+
+
 def compare(arm_models: list[dict[str, Any]], reference_models: list[dict[str, Any]], split: str,
             draws: int, seed: int) -> dict[str, Any]:
     """The arm against a reference arm (CE-only, or a peer's matched margin arm) on one split, paired by seed:
@@ -281,18 +286,15 @@ def screening(ours: list[dict[str, Any]], ref: list[dict[str, Any]], split: str)
     """Point estimates only, for an arm with too few seeds for an interval: its clean cost (percent) and its BPC
     minus the reference's at every level (means over the paired seeds and the windows). A bootstrap over the
     windows of one seed would leave out the seed-to-seed spread, so no interval and no verdict."""
-    def mean(models: list[dict[str, Any]], label: str) -> float:
-        return float(_matrix(models, split, label).mean())
-
-    return {"clean_cost_percent": 100 * (mean(ours, "clean") / mean(ref, "clean") - 1),
-            "bpc_difference": {p.label: mean(ours, p.label) - mean(ref, p.label) for p in PERTURBATIONS}}
+    return {"clean_cost_percent": 100 * (_mean_bpc(ours, split, "clean") / _mean_bpc(ref, split, "clean") - 1),
+            "bpc_difference": {p.label: _mean_bpc(ours, split, p.label) - _mean_bpc(ref, split, p.label)
+                               for p in PERTURBATIONS}}
 
 
 def matched_cost(peer_models: list[dict[str, Any]], margin_models: list[dict[str, Any]]) -> dict[str, Any]:
     """Is the peer at the margin arm's clean cost? Their clean validation BPC (means over seeds) and the
     peer's difference in percent, ``matched`` when within :data:`MATCH_TOLERANCE_PERCENT`."""
-    peer = float(np.mean([np.mean(m["splits"]["val"]["bpc"]["clean"]) for m in peer_models]))
-    margin = float(np.mean([np.mean(m["splits"]["val"]["bpc"]["clean"]) for m in margin_models]))
+    peer, margin = _mean_bpc(peer_models, "val", "clean"), _mean_bpc(margin_models, "val", "clean")
     percent = 100 * (peer / margin - 1)
     return {"peer_val_clean_bpc": peer, "margin_val_clean_bpc": margin, "difference_percent": percent,
             "peer_seeds": len(peer_models), "margin_seeds": len(margin_models),

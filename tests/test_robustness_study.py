@@ -63,6 +63,18 @@ def test_a_peer_is_compared_with_the_margin_arm_whose_clean_cost_it_is_tuned_to(
     assert matched["test"]["seeds"] == [0, 1, 2] and set(matched["test"]["levels"]) == set(summary["perturbations"])
 
 
+@pytest.mark.parametrize("peer_bpc, matched", [(2.009, True), (1.991, True), (2.011, False), (1.989, False)])
+def test_a_peer_matches_a_margin_arm_only_within_the_tolerance_of_its_clean_validation_bpc(
+        peer_bpc: float, matched: bool) -> None:
+    def models(*window_bpc: list[float]) -> list[dict]:
+        return [{"splits": {"val": {"bpc": {"clean": bpc}}}} for bpc in window_bpc]
+
+    cost = study.matched_cost(models([peer_bpc - 0.1, peer_bpc + 0.1]), models([1.9, 2.1], [1.95, 2.05]))
+    assert cost["margin_val_clean_bpc"] == pytest.approx(2.0) and cost["peer_val_clean_bpc"] == pytest.approx(peer_bpc)
+    assert cost["difference_percent"] == pytest.approx(100 * (peer_bpc / 2.0 - 1))
+    assert cost["matched"] is matched and (cost["peer_seeds"], cost["margin_seeds"]) == (1, 2)
+
+
 def test_every_peer_is_tuned_to_a_margin_arm_of_the_study() -> None:
     for arm in study.ARMS.values():
         if arm.name.startswith(("noise-", "jacobian-")):
