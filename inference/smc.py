@@ -123,11 +123,9 @@ class TrajectorySMC(SequentialFilter):
     def extend(self, token: int) -> None:
         """Propose ``x_t`` for the observed character ``y_t = token`` and weight it (module docstring)."""
         tm, t = self.model, len(self.tokens)
-        if t >= tm.gpt.config.block_size:
-            raise ValueError(f"the trajectory is full: the GPT reads at most {tm.gpt.config.block_size} characters")
+        anchor = tm.next_anchor(self.tokens, token)  # (d,)
         if self.effective_sample_size() < self.ess_threshold * self.num_particles:
             self._resample()
-        anchor = tm.anchors(torch.tensor(self.tokens + [token], device=self.x.device))[-1]  # (d,)
         guess = torch.cat([self.x, anchor.expand(self.num_particles, 1, -1)], dim=1)
         c_guess = tm.transform.attend(guess, start=t).context[:, 0]  # (P, d)
         loc, scale = tm.anchor_ratio * (anchor - c_guess), math.sqrt(tm.anchor_ratio) * tm.tau

@@ -129,10 +129,8 @@ class SVIFilter(SequentialFilter):
     def extend(self, token: int) -> None:
         """Read ``y_t = token``: append position ``t`` to the guide, at its anchor with scale ``sqrt(r) tau`` (module
         docstring)."""
-        tm, t = self.model, len(self.tokens)
-        if t >= tm.gpt.config.block_size:
-            raise ValueError(f"the trajectory is full: the GPT reads at most {tm.gpt.config.block_size} characters")
-        anchor = tm.anchors(torch.tensor(self.tokens + [int(token)], device=tm.transform.w_k.device))[-1]  # (d,)
+        tm = self.model
+        anchor = tm.next_anchor(self.tokens, token)  # (d,)
         scale = math.sqrt(tm.anchor_ratio)  # in units of tau
         scale *= math.sqrt(0.5) if self.rank else 1.0  # "lowrank": the marginal scale starts there (as the autoguides)
         block = [anchor / tm.tau, self._positive.inv(torch.full_like(anchor, scale))]

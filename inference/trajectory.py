@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyro
@@ -132,6 +132,13 @@ class TrajectoryModel:
         self.check_tokens(idx)
         with torch.no_grad():
             return self.gpt.embed(idx.unsqueeze(0))[0]
+
+    def next_anchor(self, tokens: Sequence[int], token: int) -> Tensor:
+        """``embed(y_t)`` of the character ``y_t = token`` read after ``tokens``, at position ``t = len(tokens)``:
+        ``(d,)``. Raises ``ValueError`` when the GPT's context is already full (a filter's next position)."""
+        if len(tokens) >= self.gpt.config.block_size:
+            raise ValueError(f"the trajectory is full: the GPT reads at most {self.gpt.config.block_size} characters")
+        return self.anchors(torch.tensor([*tokens, int(token)], device=self.transform.w_k.device))[-1]
 
     def check_tokens(self, idx: Tensor) -> None:
         """Raise ``ValueError`` unless ``idx`` is a 1-D sequence of ``1..block_size`` valid token ids."""

@@ -65,6 +65,18 @@ def test_the_model_rejects_empty_out_of_vocabulary_or_too_long_texts(bad: torch.
         random_model().anchors(bad)
 
 
+def test_the_next_anchor_is_the_newest_positions_embedding_until_the_context_is_full() -> None:
+    tm = random_model(block=3)
+    torch.testing.assert_close(tm.next_anchor([1, 2], 4), tm.anchors(torch.tensor([1, 2, 4]))[-1])
+    with pytest.raises(ValueError, match="full"):
+        tm.next_anchor([1, 2, 4], 3)
+    smc = TrajectorySMC(tm, num_particles=4)
+    for token in (1, 2, 4):
+        smc.extend(token)
+    with pytest.raises(ValueError, match="full"):
+        smc.extend(3)
+
+
 # ------------------------------------------------------------------------------------------ inference
 @pytest.mark.parametrize("guide", ["normal", "lowrank"])
 def test_svi_reduces_the_loss_and_samples_trajectories(guide: str) -> None:
