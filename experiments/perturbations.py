@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from inference.map import MAPNet
+from inference.map.objective import jacobian_sq_norm
 from prob_attention.corpus import window_batches
 from prob_attention.gpt import nats_to_bits
 
@@ -90,6 +91,23 @@ def embedding_rms(net: MAPNet, inputs: Tensor, batch_size: int = 64) -> float:
         total += float(x.double().pow(2).sum())
         count += x.numel()
     return math.sqrt(total / count)
+
+
+def logit_jacobian_norm(net: MAPNet, inputs: Tensor, batch_size: int = 64, seed: int = 0) -> float:
+    """``||d logits / d x||_F^2`` per position: the sensitivity of the next-character logits to the decoded
+    embeddings that Jacobian regularisation penalises (its training term is ``lambda_J / 2`` times this). The
+    mean over ``inputs``' positions of :func:`~inference.map.objective.jacobian_sq_norm`'s random-projection
+    estimate, one seeded projection per batch (the caller's random state is left as it was)."""
+    device = next(net.parameters()).device
+    net.eval()
+    total, positions = 0.0, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for idx, _ in window_batches(inputs, inputs, batch_size):
+            out = net(idx.to(device))
+            total += float(jacobian_sq_norm(out.logits, out.decoded, create_graph=False))
+            positions += idx.numel()
+    return total / positions
 
 
 @torch.no_grad()

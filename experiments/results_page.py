@@ -304,11 +304,12 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
     for r in sorted(res["models"], key=lambda r: (r["arm"], r["seed"])):
         g = r["regime"]
         rows.append([r["arm"], r["seed"], r["val_clean_bpc"], r["test_clean_bpc"], r["val_embedding_rms"],
-                     g["log_det_mean"], g["log_det_quantiles"]["q01"], g["log_det_quantiles"]["q99"],
+                     f"{r['val_logit_jacobian_norm']:.3g}", g["log_det_mean"], g["log_det_quantiles"]["q01"], g["log_det_quantiles"]["q99"],
                      f"{g['sym_a_eigenvalues'][0]:.2f} .. {g['sym_a_eigenvalues'][1]:.2f}", g["name"]])
-    out += ["Every model, and the regime its prior ends in (`log det J_tt` over validation positions t >= 3, on "
-            "what the prior models; eigenvalues of sym(A)):",
-            markdown_table(["arm", "seed", "val BPC", "test BPC", "embedding RMS", "mean log det", "1%", "99%",
+    out += ["Every model, the sensitivity of its logits to its embeddings (`||d logits / d x||_F^2` per position "
+            "on validation, what Jacobian regularisation penalises), and the regime its prior ends in (`log det "
+            "J_tt` over validation positions t >= 3, on what the prior models; eigenvalues of sym(A)):",
+            markdown_table(["arm", "seed", "val BPC", "test BPC", "embedding RMS", "logit Jacobian", "mean log det", "1%", "99%",
                             "sym(A) eigenvalues", "regime"], rows)]
     if res["meta"].get("missing"):
         out.append("Not finished yet: " + "; ".join(res["meta"]["missing"]) + ".")

@@ -55,7 +55,7 @@ from prob_attention.corpus import window_batches
 from .evaluation import NOISE_SEED, embedding_rms
 from .flags import add_device_flag, add_out_flag, add_progress_flag, add_seed_flag, nonnegative_int, positive_int
 from .intervals import Interval, mean_difference, paired_bootstrap, verdict
-from .perturbations import Perturbation, window_bpc
+from .perturbations import Perturbation, logit_jacobian_norm, window_bpc
 from .plots import save
 from .report import markdown_table, provenance, write_json, write_markdown
 from .runs import Stopwatch, ensure_trained, find_finished_run, is_finished, resolve_device, split_windows
@@ -106,12 +106,18 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     _margin("margin-layernorm-lambda0.05", "margin on layer-normalised embeddings", 0.05, input_norm=True),
     Arm("noise-0.02", "noise injection", 0.02, {"train": {"embed_noise": 0.02}}, matched_to="margin-free-lambda0.02"),
     Arm("noise-0.03", "noise injection", 0.03, {"train": {"embed_noise": 0.03}}, matched_to="margin-free-lambda0.05"),
-    Arm("jacobian-1e-07", "Jacobian regularisation", 1e-7, {"train": {"jacobian_reg": 1e-7}},
+    Arm("jacobian-1e-06", "Jacobian regularisation", 1e-6, {"train": {"jacobian_reg": 1e-6}},
         matched_to="margin-free-lambda0.05"),
+    Arm("jacobian-1e-05", "Jacobian regularisation", 1e-5, {"train": {"jacobian_reg": 1e-5}},
+        matched_to="margin-positive-full-lambda0.05"),
 ]}
 """The arms, by name. The peers' strengths are tuned on validation to a margin arm's clean cost: noise
 injection costs +1.2% at 0.02 against lambda_m = 0.05's +2.0%; growing as sigma^2 it would cost +2.6% at 0.03,
-growing linearly +1.7%, so 0.03 is the first try at the match (the study reports whether it is one)."""
+growing linearly +1.7%, so 0.03 is the first try at the match (the study reports whether it is one).
+Jacobian regularisation: at CE-only's logit Jacobian norm (``val_logit_jacobian_norm`` in the summary, about 4e6
+per position) its penalty lambda_J / 2 ||J||_F^2 would be 2 nats at lambda_J = 1e-6, more than the cross-entropy;
+noise injection 0.02 brings the norm down to about 6e4 on its own, where 1e-5 costs 0.3 nats. So 1e-6 and 1e-5
+are the first tries at the two margin arms' costs (the study reports whether either matches)."""
 
 PERTURBATIONS: tuple[Perturbation, ...] = (
     *(Perturbation("noise", s) for s in (0.01, 0.02, 0.03, 0.04)),
@@ -189,7 +195,8 @@ def regime_name(regime_stats: dict[str, Any], lambda_m: float) -> str:
 
 def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Per-window BPC of one trained model on each split, clean and at every perturbation level (mean over
-    the draws), with its embedding RMS and regime."""
+    the draws), with its embedding RMS, its regime and the sensitivity of its logits to its embeddings
+    (:func:`~experiments.perturbations.logit_jacobian_norm` on the validation split)."""
     trained = load_trained(run_dir, map_location=resolve_device(args.device))
     out: dict[str, Any] = {"run": str(run_dir), "config": trained.config.to_dict(),
                            "training_device": trained.history[-1].get("device") if trained.history else None,
@@ -205,6 +212,7 @@ def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             scores[p.label] = torch.stack(draws).mean(0).tolist()
         out["splits"][split] = {"windows": int(inputs.shape[0]), "embedding_rms": rms, "bpc": scores}
     out["regime"] = regime(trained, windows["val"][0], args.batch_size)
+    out["logit_jacobian_norm"] = logit_jacobian_norm(trained.net, windows["val"][0], args.batch_size, args.noise_seed)
     return out
 
 
@@ -215,7 +223,8 @@ def weights_digest(run_dir: Path) -> str:
 
 def cached_scores(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """:func:`score_model`, cached under ``<out>/scores/``: reused for the same weights and scoring settings
-    (a cache without a digest: for the same run folder), recomputed otherwise."""
+    (a cache without a digest: for the same run folder), recomputed otherwise. A cache written before the
+    logits' Jacobian norm was measured gets it added (seconds, against minutes for the whole scoring)."""
     settings = {"draws": args.draws, "max_windows": args.max_windows, "noise_seed": args.noise_seed,
                 "batch_size": args.batch_size, "perturbations": [p.label for p in PERTURBATIONS]}
     path = args.out / "scores" / f"{arm.name}-seed{seed}.json"
@@ -225,8 +234,13 @@ def cached_scores(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) 
         same_weights = (cached["weights_sha256"] == digest if "weights_sha256" in cached
                         else Path(cached.get("run", "")).resolve() == run_dir.resolve())
         if cached.get("settings") == settings and same_weights:
-            if "weights_sha256" not in cached:
+            if "weights_sha256" not in cached or "logit_jacobian_norm" not in cached:
                 cached["weights_sha256"] = digest
+                if "logit_jacobian_norm" not in cached:
+                    trained = load_trained(run_dir, map_location=resolve_device(args.device))
+                    inputs, _ = split_windows(trained, "val", args.max_windows)
+                    cached["logit_jacobian_norm"] = logit_jacobian_norm(trained.net, inputs, args.batch_size,
+                                                                        args.noise_seed)
                 write_json(path, cached)
             return cached
     scores = {**score_model(run_dir, args), "settings": settings, "arm": arm.name, "seed": seed,
@@ -319,7 +333,8 @@ def summary_record(scores: dict[str, Any], arm: Arm) -> dict[str, Any]:
     """One model's line of ``summary.json``."""
     lambda_m = scores["config"]["train"]["lambda_m"]
     record = {"arm": arm.name, "method": arm.method, "strength": arm.strength, "seed": scores["seed"],
-              "run": scores["run"], "regime": {**scores["regime"], "name": regime_name(scores["regime"], lambda_m)}}
+              "run": scores["run"], "regime": {**scores["regime"], "name": regime_name(scores["regime"], lambda_m)},
+              "val_logit_jacobian_norm": scores["logit_jacobian_norm"]}
     for split, s in scores["splits"].items():
         record[f"{split}_clean_bpc"] = float(np.mean(s["bpc"]["clean"]))
         record[f"{split}_embedding_rms"] = s["embedding_rms"]

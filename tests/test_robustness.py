@@ -8,7 +8,7 @@ import torch
 
 from experiments.evaluation import embedding_rms
 from experiments.intervals import Interval, mean_difference, paired_bootstrap, verdict
-from experiments.perturbations import Perturbation, substitute_characters, window_bpc
+from experiments.perturbations import Perturbation, logit_jacobian_norm, substitute_characters, window_bpc
 from inference.map import RunConfig, build_net, evaluate
 
 
@@ -57,6 +57,19 @@ def test_relative_noise_is_absolute_noise_scaled_by_the_embedding_rms(net_and_wi
     relative = window_bpc(net, inputs, targets, Perturbation("relative_noise", 0.5), draw=1, seed=2)
     absolute = window_bpc(net, inputs, targets, Perturbation("noise", 0.5 * rms), draw=1, seed=2)
     torch.testing.assert_close(relative, absolute)
+
+
+def test_the_logit_jacobian_norm_estimates_the_exact_norm_per_position_and_keeps_the_callers_random_state(
+        net_and_windows) -> None:
+    net, inputs, _ = net_and_windows
+    idx = inputs[:2]
+    x = net.gpt.embed(idx).detach()
+    exact = float(torch.autograd.functional.jacobian(net.gpt.decode, x).pow(2).sum()) / idx.numel()
+    state = torch.random.get_rng_state()
+    estimates = [logit_jacobian_norm(net, idx, seed=s) for s in range(300)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert logit_jacobian_norm(net, idx, seed=7) == estimates[7]
+    assert float(np.mean(estimates)) == pytest.approx(exact, rel=0.05)
 
 
 def test_the_same_draw_gives_the_same_scores_and_another_draw_other_scores(net_and_windows) -> None:

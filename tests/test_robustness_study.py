@@ -89,6 +89,17 @@ def test_a_second_run_reuses_the_trained_runs_and_the_cached_scores(finished: tu
     assert cache.stat().st_mtime_ns == stamp
 
 
+def test_a_cache_from_before_the_jacobian_norm_was_measured_gets_it_added(finished: tuple[Path, dict]) -> None:
+    tmp_path, summary = finished
+    cache = tmp_path / "out" / "scores" / "ce-seed0.json"
+    scores = json.loads(cache.read_text())
+    measured = scores.pop("logit_jacobian_norm")
+    cache.write_text(json.dumps(scores))
+    assert study.run(study_args(tmp_path, "--no-train")) == 0
+    assert json.loads(cache.read_text())["logit_jacobian_norm"] == measured
+    assert all(r["val_logit_jacobian_norm"] > 0 for r in summary["models"])
+
+
 def test_an_arm_with_too_few_seeds_gets_no_verdict_and_missing_runs_are_listed(finished: tuple[Path, dict]) -> None:
     tmp_path, _ = finished
     args = study_args(tmp_path, "--no-train", "--seeds", "0", "1", "7", "--out", str(tmp_path / "out2"))

@@ -94,14 +94,15 @@ def map_model(
         stats.steps += 1
 
 
-def jacobian_sq_norm(outputs: Tensor, inputs: Tensor) -> Tensor:
+def jacobian_sq_norm(outputs: Tensor, inputs: Tensor, create_graph: bool = True) -> Tensor:
     """An unbiased estimate of ``||d outputs / d inputs||_F^2`` from one Gaussian random projection,
     ``||J^T v||^2`` with ``v ~ N(0, I)`` over the outputs (Hoffman et al. 2019, "Robust learning with Jacobian
     regularization", with a Gaussian rather than a spherical projection: ``E[v v^T] = I`` makes it unbiased).
-    Differentiable (the graph of the vector-Jacobian product is kept), so it can be penalised.
+    With ``create_graph`` (for a penalty) the graph of the vector-Jacobian product is kept, so it can be
+    differentiated; without it the estimate is a measurement.
     """
     v = torch.randn_like(outputs)
-    (jtv,) = torch.autograd.grad((outputs * v).sum(), inputs, create_graph=True)
+    (jtv,) = torch.autograd.grad((outputs * v).sum(), inputs, create_graph=create_graph)
     return jtv.float().pow(2).sum()
 
 
