@@ -295,9 +295,10 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
     for split in ("val", "test"):
         out += [f"**{'Validation' if split == 'val' else 'Test'}.**", verdict_table(res["comparisons"], split)]
     if res.get("matched"):
-        out.append("**Peers at matched clean cost.** Each peer against the margin arm its strength is tuned to: "
-                   "their clean validation BPC, then the same comparison with the margin arm as the reference "
-                   "(better: the peer has the lower BPC).")
+        out.append("**Peers at matched clean cost, and the ablation.** Each peer against the margin arm its strength "
+                   "is tuned to, and the ablation against the arm it ablates: their clean validation BPC, then the "
+                   "same comparison with the margin arm as the reference (better: the peer or ablation has the "
+                   "lower BPC).")
         for split in ("val", "test"):
             out += [f"*{'Validation' if split == 'val' else 'Test'}.*", matched_table(res["matched"], split)]
     rows = []

@@ -10,7 +10,7 @@ fields differ from the default run), trained with several seeds:
   ``log det J_tt <= 0``), kept from its trivial optimum ``A -> 0`` either by a coupling of fixed norm or by
   the full prior density (Gaussian residual, learned sigma); ``margin-positive-full-norm0.001-*`` is its
   ablation, the same density with the coupling held near zero (uniform attention, ``log det J_tt ~ 0``): what
-  the Gaussian residual does without the barrier;
+  the Gaussian residual does without the barrier, and it is compared directly with the arm it ablates;
 - ``margin-layernorm-*``: the margin barrier on layer-normalised embeddings, which growing the embeddings
   cannot raise (a scale-free barrier);
 - ``noise-*`` and ``jacobian-*``: the peers, Gaussian noise injection into the decoded embeddings and
@@ -79,7 +79,8 @@ class Arm:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     matched_to: str | None = None
     """For a peer: the margin arm whose clean validation BPC its strength is tuned to (within
-    :data:`MATCH_TOLERANCE_PERCENT`), and with which it is compared directly."""
+    :data:`MATCH_TOLERANCE_PERCENT`), and with which it is compared directly. For the ablation: the arm it
+    ablates, compared directly in the same way (its cost is checked, not tuned)."""
 
     def config(self, seed: int, preset: str = "default", epochs: int | None = None) -> RunConfig:
         """The run of this arm with ``seed``: the preset (the default 20-epoch run) with the arm's overrides."""
@@ -89,8 +90,8 @@ class Arm:
         return RunConfig.preset(preset, prior=self.overrides.get("prior", {}), train=train)
 
 
-def _margin(name: str, method: str, lambda_m: float, **prior: Any) -> Arm:
-    return Arm(name, method, lambda_m, {"prior": prior, "train": {"lambda_m": lambda_m}})
+def _margin(name: str, method: str, lambda_m: float, matched_to: str | None = None, **prior: Any) -> Arm:
+    return Arm(name, method, lambda_m, {"prior": prior, "train": {"lambda_m": lambda_m}}, matched_to=matched_to)
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in [
@@ -102,7 +103,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     _margin("margin-positive-full-lambda0.05", "full prior, positive coupling, learned sigma", 0.05,
             coupling="barrier", density="full", learn_sigma=True),
     _margin("margin-positive-full-norm0.001-lambda0.05", "full prior, coupling held at |W_k| = 0.001 (no barrier)",
-            0.05, coupling="barrier", density="full", learn_sigma=True, coupling_norm=1e-3),
+            0.05, matched_to="margin-positive-full-lambda0.05", coupling="barrier", density="full", learn_sigma=True,
+            coupling_norm=1e-3),
     _margin("margin-layernorm-lambda0.05", "margin on layer-normalised embeddings", 0.05, input_norm=True),
     Arm("noise-0.02", "noise injection", 0.02, {"train": {"embed_noise": 0.02}}, matched_to="margin-free-lambda0.02"),
     Arm("noise-0.03", "noise injection", 0.03, {"train": {"embed_noise": 0.03}}, matched_to="margin-free-lambda0.05"),
@@ -368,11 +370,12 @@ def verdict_table(comparisons: dict[str, dict[str, Any]], split: str, reference:
 
 
 def matched_table(matched: dict[str, dict[str, Any]], split: str) -> str:
-    """The peers against their margin arms: the clean-cost match on validation, then :func:`verdict_table`."""
+    """The peers (and the ablation) against their margin arms: the clean-cost match on validation, then
+    :func:`verdict_table`."""
     rows = [[peer, m["margin_arm"], m["cost"]["peer_val_clean_bpc"], m["cost"]["margin_val_clean_bpc"],
              f"{m['cost']['difference_percent']:+.2f}", "yes" if m["cost"]["matched"] else "no"]
             for peer, m in matched.items()]
-    match = markdown_table(["peer", "margin arm", "peer val BPC", "margin val BPC", "difference %",
+    match = markdown_table(["peer or ablation", "margin arm", "its val BPC", "margin val BPC", "difference %",
                             f"matched (within {MATCH_TOLERANCE_PERCENT}%)"], rows)
     verdicts = verdict_table({f"{peer} vs {m['margin_arm']}": m for peer, m in matched.items()}, split,
                              reference="its margin arm")
@@ -426,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
     figures = [plot(records, split, args.out / f"robustness_{split}.png") for split in ("val", "test") if records]
     sections = [f"## {split}\n\n" + verdict_table(comparisons, split) for split in ("val", "test")]
     if matched:
-        sections += [f"## Peers at matched clean cost, {split}\n\n" + matched_table(matched, split)
+        sections += [f"## Peers at matched clean cost and the ablation, {split}\n\n" + matched_table(matched, split)
                      for split in ("val", "test")]
     if missing:
         sections.append("Not finished: " + "; ".join(missing))

@@ -75,9 +75,10 @@ def test_a_peer_matches_a_margin_arm_only_within_the_tolerance_of_its_clean_vali
     assert cost["matched"] is matched and (cost["peer_seeds"], cost["margin_seeds"]) == (1, 2)
 
 
-def test_every_peer_is_tuned_to_a_margin_arm_of_the_study() -> None:
+def test_every_peer_is_tuned_to_a_margin_arm_of_the_study_and_the_ablation_compared_with_the_arm_it_ablates() -> None:
+    assert study.ARMS["margin-positive-full-norm0.001-lambda0.05"].matched_to == "margin-positive-full-lambda0.05"
     for arm in study.ARMS.values():
-        if arm.name.startswith(("noise-", "jacobian-")):
+        if arm.name.startswith(("noise-", "jacobian-")) or arm.matched_to:
             assert arm.matched_to in study.ARMS and study.ARMS[arm.matched_to].overrides["train"]["lambda_m"] > 0
 
 
