@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -304,14 +305,17 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
     rows = []
     for r in sorted(res["models"], key=lambda r: (r["arm"], r["seed"])):
         g = r["regime"]
+        jacobian = r["val_logit_jacobian_norm"]
         rows.append([r["arm"], r["seed"], r["val_clean_bpc"], r["test_clean_bpc"], r["val_embedding_rms"],
-                     f"{r['val_logit_jacobian_norm']:.3g}", g["log_det_mean"], g["log_det_quantiles"]["q01"], g["log_det_quantiles"]["q99"],
+                     f"{jacobian:.3g}", f"{r['val_embedding_rms'] * math.sqrt(jacobian):.0f}", g["log_det_mean"],
+                     g["log_det_quantiles"]["q01"], g["log_det_quantiles"]["q99"],
                      f"{g['sym_a_eigenvalues'][0]:.2f} .. {g['sym_a_eigenvalues'][1]:.2f}", g["name"]])
-    out += ["Every model, the sensitivity of its logits to its embeddings (`||d logits / d x||_F^2` per position "
-            "on validation, what Jacobian regularisation penalises), and the regime its prior ends in (`log det "
-            "J_tt` over validation positions t >= 3, on what the prior models; eigenvalues of sym(A)):",
-            markdown_table(["arm", "seed", "val BPC", "test BPC", "embedding RMS", "logit Jacobian", "mean log det", "1%", "99%",
-                            "sym(A) eigenvalues", "regime"], rows)]
+    out += ["Every model, the sensitivity of its logits to its embeddings (`||J||_F^2 = ||d logits / d x||_F^2` "
+            "per position on validation, what Jacobian regularisation penalises; `RMS x ||J||_F`, the same in units "
+            "of the embeddings' scale, which is what RMS-relative noise meets), and the regime its prior ends in "
+            "(`log det J_tt` over validation positions t >= 3, on what the prior models; eigenvalues of sym(A)):",
+            markdown_table(["arm", "seed", "val BPC", "test BPC", "embedding RMS", "||J||_F^2", "RMS x ||J||_F",
+                            "mean log det", "1%", "99%", "sym(A) eigenvalues", "regime"], rows)]
     if res["meta"].get("missing"):
         out.append("Not finished yet: " + "; ".join(res["meta"]["missing"]) + ".")
     out.append(f"{_provenance(res['meta'])} ![robustness](../results/robustness_study/robustness_val.png)")
