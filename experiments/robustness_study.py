@@ -108,6 +108,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     _margin("margin-layernorm-lambda0.05", "margin on layer-normalised embeddings", 0.05, input_norm=True),
     Arm("noise-0.02", "noise injection", 0.02, {"train": {"embed_noise": 0.02}}, matched_to="margin-free-lambda0.02"),
     Arm("noise-0.03", "noise injection", 0.03, {"train": {"embed_noise": 0.03}}, matched_to="margin-free-lambda0.05"),
+    Arm("noise-0.04", "noise injection", 0.04, {"train": {"embed_noise": 0.04}},
+        matched_to="margin-positive-full-lambda0.05"),
     Arm("jacobian-1e-06", "Jacobian regularisation", 1e-6, {"train": {"jacobian_reg": 1e-6}},
         matched_to="margin-free-lambda0.05"),
     Arm("jacobian-1e-05", "Jacobian regularisation", 1e-5, {"train": {"jacobian_reg": 1e-5}},
@@ -115,7 +117,9 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
 ]}
 """The arms, by name. The peers' strengths are tuned on validation to a margin arm's clean cost: noise
 injection costs +1.2% at 0.02 against lambda_m = 0.05's +2.0%; growing as sigma^2 it would cost +2.6% at 0.03,
-growing linearly +1.7%, so 0.03 is the first try at the match (the study reports whether it is one).
+growing linearly +1.7%, so 0.03 is the first try at the match (the study reports whether it is one). It
+cost +2.0%, between the two, so the full density's +3.4% needs about 0.04 (0.039 by sigma^2, 0.045 by the power
+the two measured costs give).
 Jacobian regularisation: at CE-only's logit Jacobian norm (``val_logit_jacobian_norm`` in the summary, about 4e6
 per position) its penalty lambda_J / 2 ||J||_F^2 would be 2 nats at lambda_J = 1e-6, more than the cross-entropy;
 noise injection 0.02 brings the norm down to about 6e4 on its own, where 1e-5 costs 0.3 nats. So 1e-6 and 1e-5
