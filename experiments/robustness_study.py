@@ -218,8 +218,14 @@ def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             scores[p.label] = torch.stack(draws).mean(0).tolist()
         out["splits"][split] = {"windows": int(inputs.shape[0]), "embedding_rms": rms, "bpc": scores}
     out["regime"] = regime(trained, windows["val"][0], args.batch_size)
-    out["logit_jacobian_norm"] = logit_jacobian_norm(trained.net, windows["val"][0], args.batch_size, args.noise_seed)
+    out["logit_jacobian_norm"] = _jacobian_norm(trained, windows["val"][0], args)
     return out
+
+
+def _jacobian_norm(trained: TrainedModel, val_inputs: torch.Tensor, args: argparse.Namespace) -> float:
+    """The model's :func:`~experiments.perturbations.logit_jacobian_norm` on validation windows, with the
+    study's batch size and seed: one home for its settings, so that a scoring and a cache's back-fill agree."""
+    return logit_jacobian_norm(trained.net, val_inputs, args.batch_size, args.noise_seed)
 
 
 def weights_digest(run_dir: Path) -> str:
@@ -245,8 +251,7 @@ def cached_scores(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) 
                 if "logit_jacobian_norm" not in cached:
                     trained = load_trained(run_dir, map_location=resolve_device(args.device))
                     inputs, _ = split_windows(trained, "val", args.max_windows)
-                    cached["logit_jacobian_norm"] = logit_jacobian_norm(trained.net, inputs, args.batch_size,
-                                                                        args.noise_seed)
+                    cached["logit_jacobian_norm"] = _jacobian_norm(trained, inputs, args)
                 write_json(path, cached)
             return cached
     scores = {**score_model(run_dir, args), "settings": settings, "arm": arm.name, "seed": seed,
