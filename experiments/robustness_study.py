@@ -398,21 +398,42 @@ def matched_table(matched: dict[str, dict[str, Any]], split: str) -> str:
     return match + "\n\n" + verdicts
 
 
+LINESTYLES = {"CE-only": "-", "noise injection": "--", "Jacobian regularisation": ":"}
+"""A peer's line style on the plots; every setting of the prior is drawn solid."""
+
+
 def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
-    """BPC against the perturbation level, one panel per family: each arm's seed mean, with its seeds' range."""
+    """BPC against the perturbation level, one column per family: each arm's seed mean with its seeds' range
+    (top), and the seed mean's difference from CE-only's (bottom, where the typos' differences show). One
+    colour per arm, one line style per kind of method (:data:`LINESTYLES`)."""
     families = ("noise", "relative_noise", "substitution")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, family in zip(axes, families):
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    tab20 = plt.get_cmap("tab20")
+    colours = [tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]  # the ten dark hues first
+    fig, axes = plt.subplot_mosaic([list(families), [f"{f} minus CE-only" for f in families], ["legend"] * 3],
+                                   figsize=(15, 9.5), gridspec_kw={"height_ratios": (1, 1, 0.3)})
+    for family in families:
         levels = [0.0] + [p.level for p in PERTURBATIONS if p.kind == family]
         labels = ["clean"] + [p.label for p in PERTURBATIONS if p.kind == family]
-        for arm in dict.fromkeys(r["arm"] for r in records):
-            ys = np.array([[r[f"{split}_bpc"][lab] for lab in labels] for r in records if r["arm"] == arm])
-            line = ax.plot(levels, ys.mean(0), "o-", label=f"{arm} ({len(ys)} seeds)")[0]
-            ax.fill_between(levels, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
-        ax.set(xlabel={"noise": "sigma (embedding units)", "relative_noise": "sigma / embedding RMS",
-                       "substitution": "substitution rate"}[family], ylabel=f"{split} BPC", title=family)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+        top, bottom = axes[family], axes[f"{family} minus CE-only"]
+
+        def bpc(arm: str) -> np.ndarray:
+            return np.array([[r[f"{split}_bpc"][lab] for lab in labels] for r in records if r["arm"] == arm])
+
+        reference = bpc("ce").mean(0)
+        for k, arm in enumerate(arms):
+            ys = bpc(arm)
+            method = next(r["method"] for r in records if r["arm"] == arm)
+            style = {"color": colours[k % len(colours)], "linestyle": LINESTYLES.get(method, "-"), "marker": "o"}
+            top.plot(levels, ys.mean(0), label=f"{arm} ({len(ys)} seeds)", **style)
+            top.fill_between(levels, ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
+            bottom.plot(levels, ys.mean(0) - reference, **style)
+        bottom.axhline(0.0, color="black", linewidth=0.8)
+        top.set(ylabel=f"{split} BPC", title=family)
+        bottom.set(xlabel={"noise": "sigma (embedding units)", "relative_noise": "sigma / embedding RMS",
+                           "substitution": "substitution rate"}[family], ylabel=f"{split} BPC minus CE-only's")
+    axes["legend"].axis("off")
+    axes["legend"].legend(*axes[families[0]].get_legend_handles_labels(), loc="center", ncol=4, fontsize=8)
     return save(fig, path)
 
 
