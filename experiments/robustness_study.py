@@ -398,8 +398,8 @@ def matched_table(matched: dict[str, dict[str, Any]], split: str) -> str:
     return match + "\n\n" + verdicts
 
 
-LINESTYLES = {"CE-only": "-", "noise injection": "--", "Jacobian regularisation": ":"}
-"""A peer's line style on the plots; every setting of the prior is drawn solid."""
+LINESTYLES = {"noise injection": "--", "Jacobian regularisation": ":"}
+"""A peer's line style on the plots; CE-only and every setting of the prior are drawn solid."""
 
 
 def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
@@ -407,9 +407,11 @@ def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
     (top), and the seed mean's difference from CE-only's (bottom, where the typos' differences show). One
     colour per arm, one line style per kind of method (:data:`LINESTYLES`)."""
     families = ("noise", "relative_noise", "substitution")
-    arms = list(dict.fromkeys(r["arm"] for r in records))
+    methods = {r["arm"]: r["method"] for r in records}
     tab20 = plt.get_cmap("tab20")
     colours = [tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]  # the ten dark hues first
+    styles = {arm: {"color": colours[k % len(colours)], "linestyle": LINESTYLES.get(method, "-"), "marker": "o"}
+              for k, (arm, method) in enumerate(methods.items())}
     fig, axes = plt.subplot_mosaic([list(families), [f"{f} minus CE-only" for f in families], ["legend"] * 3],
                                    figsize=(15, 9.5), gridspec_kw={"height_ratios": (1, 1, 0.3)})
     for family in families:
@@ -421,10 +423,8 @@ def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
             return np.array([[r[f"{split}_bpc"][lab] for lab in labels] for r in records if r["arm"] == arm])
 
         reference = bpc("ce").mean(0)
-        for k, arm in enumerate(arms):
+        for arm, style in styles.items():
             ys = bpc(arm)
-            method = next(r["method"] for r in records if r["arm"] == arm)
-            style = {"color": colours[k % len(colours)], "linestyle": LINESTYLES.get(method, "-"), "marker": "o"}
             top.plot(levels, ys.mean(0), label=f"{arm} ({len(ys)} seeds)", **style)
             top.fill_between(levels, ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
             bottom.plot(levels, ys.mean(0) - reference, **style)
