@@ -432,7 +432,7 @@ def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
         reference = bpc("ce").mean(0)
         for arm, style in styles.items():
             ys = bpc(arm)
-            top.plot(levels, ys.mean(0), label=f"{arm} ({len(ys)} seeds)", **style)
+            top.plot(levels, ys.mean(0), label=f"{arm} ({len(ys)} seed{'s' * (len(ys) > 1)})", **style)
             top.fill_between(levels, ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
             bottom.plot(levels, ys.mean(0) - reference, **style)
         bottom.axhline(0.0, color="black", linewidth=0.8)
