@@ -133,8 +133,8 @@ BPC (lambda_m = 0.02's cost), so 1e-6 would match no margin arm and was stopped 
 linearly in lambda_J puts lambda_m = 0.05's +2.0% at 3.6e-5 and the full density's +3.4% at 6.2e-5; one growing
 as sqrt(lambda_J) (as noise injection's cost grows between linearly and quadratically in sigma, that is between
 sqrt(sigma^2) and sigma^2) puts them at 1.3e-4 and 3.8e-4. 6e-5 and 1.5e-4, near the geometric means, were the
-first tries at the two. 6e-5 stayed within 0.5% of 1e-5's validation BPC from epoch 12 on and cost +0.9% (seed 0,
-against CE-only's three seeds), well below lambda_m = 0.05's +2.0%; 1e-4 cost +4.2%, 0.7% above the full density,
+first tries at the two. 6e-5 stayed within 0.5% of 1e-5's validation BPC from epoch 12 on and cost +1.1% (seed 0
+against CE-only's seed 0), well below lambda_m = 0.05's +2.0%; 1e-4 cost +4.4%, 0.7% above the full density,
 and 1.5e-4, above 1e-4 throughout its first 8 epochs, was stopped there. 6e-5 is kept against lambda_m = 0.05 (a
 cheaper peer has to win at less clean BPC, which only strengthens a win) and 1e-4 against the full density (the
 study reports whether each matches)."""
