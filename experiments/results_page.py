@@ -302,6 +302,13 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
                    "lower BPC).")
         for split in ("val", "test"):
             out += [f"*{'Validation' if split == 'val' else 'Test'}.*", matched_table(res["matched"], split)]
+    if res.get("head_to_head"):
+        out.append("**Head to head.** The settings a user would choose between, compared directly: in each row the "
+                   "first arm against the second, paired by seed (better: the first arm has the lower BPC; the clean "
+                   "cost is the first arm's against the second's).")
+        for split in ("val", "test"):
+            out += [f"*{'Validation' if split == 'val' else 'Test'}.*",
+                    verdict_table(res["head_to_head"], split, reference="the other arm")]
     rows = []
     for r in sorted(res["models"], key=lambda r: (r["arm"], r["seed"])):
         g = r["regime"]

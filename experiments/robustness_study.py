@@ -18,6 +18,10 @@ fields differ from the default run), trained with several seeds:
   clean cost of the margin model they are compared with (``Arm.matched_to``); where both are in ``--arms``,
   each peer is also compared directly with its margin arm, and the table says whether the costs match.
 
+A user choosing between the settings that beat CE-only also wants them against each other: the pairs in
+``--versus`` (by default :data:`HEAD_TO_HEAD`) are compared directly, the first arm against the second, in
+the same way.
+
 Every model is scored on whole validation and test splits, clean and under three perturbation families
 (:mod:`experiments.perturbations`): absolute embedding noise, noise scaled to the model's embedding RMS,
 and character substitutions, all paired across models. Each arm is compared with CE-only by a paired
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +144,17 @@ and 1.5e-4, above 1e-4 throughout its first 8 epochs, was stopped there. 6e-5 is
 cheaper peer has to win at less clean BPC, which only strengthens a win) and 1e-4 against the full density (the
 study reports whether each matches)."""
 
+HEAD_TO_HEAD: tuple[tuple[str, str], ...] = (
+    ("jacobian-1e-05", "noise-0.02"),
+    ("jacobian-6e-05", "noise-0.03"),
+    ("jacobian-6e-05", "jacobian-1e-05"),
+    ("jacobian-6e-05", "margin-positive-full-lambda0.05"),
+)
+"""The settings a user would choose between, compared directly (first against second): the Jacobian penalty
+against noise injection at about the same clean cost or more (1e-5 costs +0.1% against 0.02's +1.2%; 6e-5 +0.7%
+against 0.03's +1.9%, on test against CE-only), the stronger penalty against the weaker one, and the stronger
+penalty against the full prior density, the best of our settings under typos."""
+
 PERTURBATIONS: tuple[Perturbation, ...] = (
     *(Perturbation("noise", s) for s in (0.01, 0.02, 0.03, 0.04)),
     *(Perturbation("relative_noise", s) for s in (0.125, 0.25, 0.375, 0.5)),
@@ -163,6 +179,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folders of finished runs to reuse where the configuration matches exactly")
     parser.add_argument("--no-train", dest="train", action="store_false",
                         help="train nothing: score the finished runs and list the missing ones")
+    parser.add_argument("--versus", type=arm_pair, nargs="*", default=None, metavar="ARM:REFERENCE",
+                        help="pairs of arms of --arms (or ce) to compare directly (default: those of "
+                             + " ".join(f"{a}:{b}" for a, b in HEAD_TO_HEAD) + " whose arms are both scored)")
     parser.add_argument("--draws", type=positive_int, default=3, help="draws per perturbation level")
     parser.add_argument("--max-windows", type=positive_int, default=None,
                         help="score only the first windows of each split")
@@ -172,6 +191,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_flag(parser)
     add_progress_flag(parser)
     add_out_flag(parser, Path("results/robustness_study"))
+
+
+def arm_pair(text: str) -> tuple[str, str]:
+    """``ARM:REFERENCE``, two different arms of :data:`ARMS`, as a pair (the ``--versus`` type)."""
+    first, colon, second = text.partition(":")
+    unknown = [name for name in (first, second) if name not in ARMS]
+    if not colon or unknown or first == second:
+        raise argparse.ArgumentTypeError(
+            f"expected ARM:REFERENCE, two different arms of {', '.join(ARMS)}; got {text!r}")
+    return first, second
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -353,6 +382,15 @@ def matched_comparisons(arms: list[Arm], scores: dict[str, list[dict[str, Any]]]
     return out
 
 
+def head_to_head(pairs: Sequence[tuple[str, str]], scores: dict[str, list[dict[str, Any]]], draws: int,
+                 seed: int) -> dict[str, dict[str, Any]]:
+    """Each pair's first arm against its second, where both were scored, per split (``better``: the first arm
+    has the lower BPC)."""
+    return {f"{first} vs {second}": {split: compare(scores[first], scores[second], split, draws, seed)
+                                     for split in ("val", "test")}
+            for first, second in pairs if scores.get(first) and scores.get(second)}
+
+
 # ------------------------------------------------------------------------------------------ output
 def summary_record(scores: dict[str, Any], arm: Arm) -> dict[str, Any]:
     """One model's line of ``summary.json``."""
@@ -447,6 +485,9 @@ def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     watch = Stopwatch()
     arms = [ARMS[name] for name in args.arms]
+    outside = sorted({name for pair in args.versus or () for name in pair} - {"ce", *args.arms})
+    if outside:
+        raise SystemExit(f"--versus names arms not in --arms: {', '.join(outside)}")
     if "ce" not in args.arms:
         arms.insert(0, ARMS["ce"])  # the reference of every comparison
     scores: dict[str, list[dict[str, Any]]] = {arm.name: [] for arm in arms}
@@ -465,16 +506,20 @@ def run(args: argparse.Namespace) -> int:
                               for split in ("val", "test")}
                    for arm in arms if arm.name != "ce"}
     matched = matched_comparisons(arms, scores, args.bootstrap, args.noise_seed)
+    versus = head_to_head(HEAD_TO_HEAD if args.versus is None else args.versus, scores, args.bootstrap, args.noise_seed)
     device = device_name(resolve_device(args.device))
     meta = provenance(device, watch.seconds, seeds=args.seeds, noise_seed=args.noise_seed, draws=args.draws,
                       missing=missing)
     write_json(args.out / "summary.json", {"models": records, "comparisons": comparisons, "matched": matched,
-                                           "meta": meta, "perturbations": [p.label for p in PERTURBATIONS]})
+                                           "head_to_head": versus, "meta": meta,
+                                           "perturbations": [p.label for p in PERTURBATIONS]})
     figures = [plot(records, split, args.out / f"robustness_{split}.png") for split in ("val", "test") if records]
     sections = [f"## {split}\n\n" + verdict_table(comparisons, split) for split in ("val", "test")]
     if matched:
         sections += [f"## Peers at matched clean cost and the ablation, {split}\n\n" + matched_table(matched, split)
                      for split in ("val", "test")]
+    sections += [f"## Head to head, {split}\n\n" + verdict_table(versus, split, reference="the other arm")
+                 for split in ("val", "test") if versus]
     if missing:
         sections.append("Not finished: " + "; ".join(missing))
     write_markdown(args.out / "README.md", "Robustness study", sections, meta)

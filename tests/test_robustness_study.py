@@ -82,6 +82,33 @@ def test_every_peer_is_tuned_to_a_margin_arm_of_the_study_and_the_ablation_compa
             assert arm.matched_to in study.ARMS and study.ARMS[arm.matched_to].overrides["train"]["lambda_m"] > 0
 
 
+def test_the_pairs_asked_for_are_compared_head_to_head_first_against_second(
+        finished: tuple[Path, dict], tmp_path: Path) -> None:
+    runs, _ = finished
+    args = study_args(runs, "--no-train", "--versus", "noise-0.02:margin-free-lambda0.02", "--out", str(tmp_path))
+    assert study.run(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    direct = summary["head_to_head"]["noise-0.02 vs margin-free-lambda0.02"]
+    for split in ("val", "test"):
+        assert direct[split] == summary["matched"]["noise-0.02"][split]  # the same paired comparison
+    assert "## Head to head, test" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("pair", ["noise-0.02", "noise-0.02:noise-0.02", "noise-0.02:no-such-arm"])
+def test_a_head_to_head_pair_must_name_two_different_arms(pair: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="ARM:REFERENCE"):
+        study.arm_pair(pair)
+
+
+def test_a_head_to_head_pair_outside_the_arms_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="not in --arms: jacobian-1e-05"):
+        study.run(study_args(tmp_path, "--no-train", "--versus", "jacobian-1e-05:noise-0.02"))
+
+
+def test_the_default_head_to_head_pairs_are_arms_of_the_study() -> None:
+    assert all(first in study.ARMS and second in study.ARMS and first != second for first, second in study.HEAD_TO_HEAD)
+
+
 def test_a_second_run_reuses_the_trained_runs_and_the_cached_scores(finished: tuple[Path, dict]) -> None:
     tmp_path, _ = finished
     cache = tmp_path / "out" / "scores" / "ce-seed0.json"
@@ -141,4 +168,7 @@ def test_the_results_page_shows_the_verdicts_and_every_models_regime(finished: t
     assert "| noise-0.02 |" in text and "relative_noise=0.5" in text
     assert text.count("| ce |") == 3 and text.count("| noise-0.02 |") == 3 + 2 + 2  # every model; a verdict and a match row per split
     assert "| noise-0.02 vs margin-free-lambda0.02 |" in text
-    assert "Produced by" in text
+    assert "Produced by" in text and "Head to head" not in text
+    direct = {"noise-0.02 vs margin-free-lambda0.02": {s: summary["matched"]["noise-0.02"][s] for s in ("val", "test")}}
+    text = "\n".join(robustness_section(summary | {"head_to_head": direct}))
+    assert "**Head to head.**" in text and text.count("| noise-0.02 vs margin-free-lambda0.02 |") == 2 + 2
