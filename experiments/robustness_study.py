@@ -351,6 +351,12 @@ def compare(arm_models: list[dict[str, Any]], reference_models: list[dict[str, A
     return result
 
 
+def compare_splits(arm_models: list[dict[str, Any]], reference_models: list[dict[str, Any]], draws: int,
+                   seed: int) -> dict[str, dict[str, Any]]:
+    """:func:`compare` on the validation and on the test split."""
+    return {split: compare(arm_models, reference_models, split, draws, seed) for split in ("val", "test")}
+
+
 def screening(ours: list[dict[str, Any]], ref: list[dict[str, Any]], split: str) -> dict[str, Any]:
     """Point estimates only, for an arm with too few seeds for an interval: its clean cost (percent) and its BPC
     minus the reference's at every level (means over the paired seeds and the windows). A bootstrap over the
@@ -379,7 +385,7 @@ def matched_comparisons(arms: list[Arm], scores: dict[str, list[dict[str, Any]]]
         if arm.matched_to and scores.get(arm.name) and scores.get(arm.matched_to):
             peer, margin = scores[arm.name], scores[arm.matched_to]
             out[arm.name] = {"margin_arm": arm.matched_to, "cost": matched_cost(peer, margin),
-                             **{split: compare(peer, margin, split, draws, seed) for split in ("val", "test")}}
+                             **compare_splits(peer, margin, draws, seed)}
     return out
 
 
@@ -387,8 +393,7 @@ def head_to_head(pairs: Sequence[tuple[str, str]], scores: dict[str, list[dict[s
                  seed: int) -> dict[str, dict[str, Any]]:
     """Each pair's first arm against its second, where both were scored, per split (``better``: the first arm
     has the lower BPC)."""
-    return {f"{first} vs {second}": {split: compare(scores[first], scores[second], split, draws, seed)
-                                     for split in ("val", "test")}
+    return {f"{first} vs {second}": compare_splits(scores[first], scores[second], draws, seed)
             for first, second in pairs if scores.get(first) and scores.get(second)}
 
 
@@ -503,8 +508,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             scores[arm.name].append(cached_scores(arm, seed, run_dir, args))
     records = [summary_record(s, ARMS[name]) for name, models in scores.items() for s in models]
-    comparisons = {arm.name: {split: compare(scores[arm.name], scores["ce"], split, args.bootstrap, args.noise_seed)
-                              for split in ("val", "test")}
+    comparisons = {arm.name: compare_splits(scores[arm.name], scores["ce"], args.bootstrap, args.noise_seed)
                    for arm in arms if arm.name != "ce"}
     matched = matched_comparisons(arms, scores, args.bootstrap, args.noise_seed)
     versus = head_to_head(HEAD_TO_HEAD if args.versus is None else args.versus, scores, args.bootstrap, args.noise_seed)
