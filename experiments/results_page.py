@@ -26,7 +26,7 @@ from inference.checkpoint import require_regular_or_new, write_text_atomic
 from .decoding_study import run_facts, signal_table
 from .regularization_path import OPTIMUM_KEYS, draws_phrase
 from .report import markdown_table
-from .robustness_study import matched_table, verdict_table
+from .robustness_study import comparison_tables, matched_table
 
 HELP = "assemble docs/RESULTS.md from the results folder (numbers, provenance, verdicts against the targets)"
 
@@ -291,10 +291,10 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
            "the whole interval below 0). Perturbations: `noise` absolute Gaussian noise on the input embeddings, "
            "`relative_noise` the same in units of each model's embedding RMS, `substitution` the rate of "
            "character substitutions in the input text (scored against the clean next character). An arm with "
-           "fewer than three seeds paired with CE-only's gets no interval and no verdict: its row (\"screening\") "
-           "gives point estimates only, the mean over its seeds minus CE-only's over the same seeds."]
+           "fewer than three seeds paired with CE-only's is a screen, not in the final table: the screens' table "
+           "below it gives point estimates only, the mean over its seeds minus CE-only's over the same seeds."]
     for split in ("val", "test"):
-        out += [f"**{'Validation' if split == 'val' else 'Test'}.**", verdict_table(res["comparisons"], split)]
+        out += [f"**{'Validation' if split == 'val' else 'Test'}.**", comparison_tables(res["comparisons"], split)]
     if res.get("matched"):
         out.append("**Peers at matched clean cost, and the ablation.** Each peer against the margin arm its strength "
                    "is tuned to, and the ablation against the arm it ablates: their clean validation BPC, then the "
@@ -308,7 +308,7 @@ def robustness_section(res: dict[str, Any]) -> list[str]:
                    "cost is the first arm's against the second's).")
         for split in ("val", "test"):
             out += [f"*{'Validation' if split == 'val' else 'Test'}.*",
-                    verdict_table(res["head_to_head"], split, reference="the other arm")]
+                    comparison_tables(res["head_to_head"], split, reference="the other arm")]
     rows = []
     for r in sorted(res["models"], key=lambda r: (r["arm"], r["seed"])):
         g = r["regime"]

@@ -411,41 +411,47 @@ def summary_record(scores: dict[str, Any], arm: Arm) -> dict[str, Any]:
     return record
 
 
-def verdict_table(comparisons: dict[str, dict[str, Any]], split: str, reference: str = "CE-only") -> str:
-    """Arms x perturbation levels: the verdict and the BPC difference against the reference with its interval."""
+def comparison_tables(comparisons: dict[str, dict[str, Any]], split: str, reference: str = "CE-only") -> str:
+    """The final table, arms x perturbation levels (the verdict and the BPC difference against the reference with
+    its interval), for the arms with at least :data:`MIN_SEEDS` paired seeds; below it, apart, the screens with
+    fewer (point estimates only, no verdict)."""
     labels = ["clean cost %"] + [p.label for p in PERTURBATIONS]
-    rows = []
+    final, screens = [], []
     for name, by_split in comparisons.items():
         c = by_split[split]
-        if "screening" in c:
+        if "levels" in c:
+            cost = c["clean_cost_percent"]
+            cells = [f"{cost['estimate']:+.2f} [{cost['low']:+.2f}, {cost['high']:+.2f}]"]
+            for p in PERTURBATIONS:
+                lv = c["levels"][p.label]
+                d = lv["bpc_difference"]
+                cells.append(f"{lv['bpc_verdict']} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+            final.append([name] + cells)
+        elif "screening" in c:
             seeds = len(c["seeds"])
             cells = [f"{c['screening']['clean_cost_percent']:+.2f}"]
             cells += [f"{c['screening']['bpc_difference'][p.label]:+.3f}" for p in PERTURBATIONS]
-            rows.append([f"{name} (screening: {seeds} seed{'s' if seeds > 1 else ''}, no verdict)"] + cells)
-            continue
-        if "levels" not in c:
-            rows.append([name] + [c["verdict"]] + [""] * (len(labels) - 1))
-            continue
-        cost = c["clean_cost_percent"]
-        cells = [f"{cost['estimate']:+.2f} [{cost['low']:+.2f}, {cost['high']:+.2f}]"]
-        for p in PERTURBATIONS:
-            lv = c["levels"][p.label]
-            d = lv["bpc_difference"]
-            cells.append(f"{lv['bpc_verdict']} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
-        rows.append([name] + cells)
-    return markdown_table([f"arm vs {reference}"] + labels, rows)
+            screens.append([f"{name} ({seeds} seed{'s' if seeds > 1 else ''})"] + cells)
+        else:
+            screens.append([f"{name} ({c['verdict']})"] + [""] * len(labels))
+    tables = [markdown_table([f"arm vs {reference}"] + labels, final)] if final else []
+    if screens:
+        tables += [f"Screens, fewer than {MIN_SEEDS} seeds paired with {reference}'s: point estimates (the mean over "
+                   "their seeds minus the reference's over the same seeds), no interval and no verdict.",
+                   markdown_table([f"screen vs {reference}"] + labels, screens)]
+    return "\n\n".join(tables)
 
 
 def matched_table(matched: dict[str, dict[str, Any]], split: str) -> str:
     """The peers (and the ablation) against their margin arms: the clean-cost match on validation, then
-    :func:`verdict_table`."""
+    :func:`comparison_tables`."""
     rows = [[peer, m["margin_arm"], m["cost"]["peer_val_clean_bpc"], m["cost"]["margin_val_clean_bpc"],
              f"{m['cost']['difference_percent']:+.2f}", "yes" if m["cost"]["matched"] else "no"]
             for peer, m in matched.items()]
     match = markdown_table(["peer or ablation", "margin arm", "its val BPC", "margin val BPC", "difference %",
                             f"matched (within {MATCH_TOLERANCE_PERCENT}%)"], rows)
-    verdicts = verdict_table({f"{peer} vs {m['margin_arm']}": m for peer, m in matched.items()}, split,
-                             reference="its margin arm")
+    verdicts = comparison_tables({f"{peer} vs {m['margin_arm']}": m for peer, m in matched.items()}, split,
+                                 reference="its margin arm")
     return match + "\n\n" + verdicts
 
 
@@ -519,11 +525,11 @@ def run(args: argparse.Namespace) -> int:
                                            "head_to_head": versus, "meta": meta,
                                            "perturbations": [p.label for p in PERTURBATIONS]})
     figures = [plot(records, split, args.out / f"robustness_{split}.png") for split in ("val", "test") if records]
-    sections = [f"## {split}\n\n" + verdict_table(comparisons, split) for split in ("val", "test")]
+    sections = [f"## {split}\n\n" + comparison_tables(comparisons, split) for split in ("val", "test")]
     if matched:
         sections += [f"## Peers at matched clean cost and the ablation, {split}\n\n" + matched_table(matched, split)
                      for split in ("val", "test")]
-    sections += [f"## Head to head, {split}\n\n" + verdict_table(versus, split, reference="the other arm")
+    sections += [f"## Head to head, {split}\n\n" + comparison_tables(versus, split, reference="the other arm")
                  for split in ("val", "test") if versus]
     if missing:
         sections.append("Not finished: " + "; ".join(missing))

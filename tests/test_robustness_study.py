@@ -138,9 +138,9 @@ def test_an_arm_with_too_few_seeds_gets_no_verdict_and_missing_runs_are_listed(f
     assert any("seed 7" in m for m in summary["meta"]["missing"])
 
 
-def test_an_arm_with_too_few_seeds_is_screened_by_point_estimates_without_an_interval(
+def test_an_arm_with_too_few_seeds_is_screened_by_point_estimates_apart_from_the_final_table(
         finished: tuple[Path, dict], tmp_path: Path) -> None:
-    runs, _ = finished
+    runs, three_seeds = finished
     args = study_args(runs, "--no-train", "--seeds", "0", "--out", str(tmp_path / "out"))
     assert study.run(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -149,7 +149,12 @@ def test_an_arm_with_too_few_seeds_is_screened_by_point_estimates_without_an_int
     assert screened["clean_cost_percent"] == pytest.approx(100 * (ours["test_clean_bpc"] / ce["test_clean_bpc"] - 1))
     for level, difference in screened["bpc_difference"].items():
         assert difference == pytest.approx(ours["test_bpc"][level] - ce["test_bpc"][level])
-    assert "| noise-0.02 (screening: 1 seed, no verdict) |" in (tmp_path / "out" / "README.md").read_text()
+    assert "| noise-0.02 (1 seed) |" in (tmp_path / "out" / "README.md").read_text()
+    tables = study.comparison_tables({"seeded": three_seeds["comparisons"]["noise-0.02"],
+                                      "screened": summary["comparisons"]["noise-0.02"]}, "test")
+    final, screens = tables.split("Screens, fewer than 3 seeds")
+    assert "| seeded |" in final and "screened" not in final
+    assert "| screened (1 seed) |" in screens and "seeded" not in screens
 
 
 def test_a_finished_run_with_the_same_configuration_is_reused(finished: tuple[Path, dict], tmp_path: Path) -> None:
