@@ -4,6 +4,7 @@ lists what is missing."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -155,6 +156,18 @@ def test_an_arm_with_too_few_seeds_is_screened_by_point_estimates_apart_from_the
     final, screens = tables.split("Screens, fewer than 3 seeds")
     assert "| seeded |" in final and "screened" not in final
     assert "| screened (1 seed) |" in screens and "seeded" not in screens
+
+
+def test_a_screen_is_trained_and_expected_on_its_own_seeds_only(
+        finished: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs, _ = finished
+    screen = dataclasses.replace(study.ARMS["noise-0.02"], screened_on=(0,))
+    monkeypatch.setitem(study.ARMS, "noise-0.02", screen)
+    assert study.run(study_args(runs, "--no-train", "--out", str(tmp_path / "out"))) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["seed"] for r in summary["models"] if r["arm"] == "noise-0.02"] == [0]
+    assert summary["meta"]["missing"] == []
+    assert "screening" in summary["comparisons"]["noise-0.02"]["test"]
 
 
 def test_a_finished_run_with_the_same_configuration_is_reused(finished: tuple[Path, dict], tmp_path: Path) -> None:
