@@ -133,8 +133,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
 injection costs +1.2% at 0.02 against lambda_m = 0.05's +2.0%; growing as sigma^2 it would cost +2.6% at 0.03,
 growing linearly +1.7%, so 0.03 is the first try at the match (the study reports whether it is one). It
 cost +2.0%, between the two, so the full density's +3.4% needs about 0.04 (0.039 by sigma^2, 0.045 by the power
-the two measured costs give). 0.04 cost +4.4% (two seeds; three give the same), 0.9% past the full density; the cost then grows as
-sigma^2.65 between 0.03 and 0.04, which puts +3.4% at 0.037, the second try.
+the two measured costs give). 0.04 cost +4.4% (two seeds; three give the same), 0.9% past the full density;
+the cost then grows as sigma^2.65 between 0.03 and 0.04, which puts +3.4% at 0.037, the second try.
 The coupling of fixed norm |W_k| = 16 is a screen on one seed: it is rejected because its barrier switches off
 (it ends at -0.0001 nats per position, the model CE-only in all but name), a property of the formulation that
 its one run shows, not a difference in robustness that needs seeds to resolve.
