@@ -128,6 +128,10 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
         matched_to="margin-free-lambda0.05"),
     Arm("jacobian-1e-04", "Jacobian regularisation", 1e-4, {"train": {"jacobian_reg": 1e-4}},
         matched_to="margin-positive-full-lambda0.05"),
+    Arm("label-smoothing-0.05", "label smoothing", 0.05, {"train": {"label_smoothing": 0.05}},
+        matched_to="margin-positive-full-lambda0.05"),
+    Arm("label-smoothing-0.02", "label smoothing", 0.02, {"train": {"label_smoothing": 0.02}},
+        matched_to="margin-free-lambda0.02", screened_on=(0,)),
 ]}
 """The arms, by name. The peers' strengths are tuned on validation to a margin arm's clean cost: noise
 injection costs +1.2% at 0.02 against lambda_m = 0.05's +2.0%; growing as sigma^2 it would cost +2.6% at 0.03,
@@ -467,7 +471,7 @@ def matched_table(matched: dict[str, dict[str, Any]], split: str) -> str:
     return match + "\n\n" + verdicts
 
 
-LINESTYLES = {"noise injection": "--", "Jacobian regularisation": ":"}
+LINESTYLES = {"noise injection": "--", "Jacobian regularisation": ":", "label smoothing": "-."}
 """A peer's line style on the plots; CE-only and every setting of the prior are drawn solid."""
 
 

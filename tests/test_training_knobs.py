@@ -1,5 +1,5 @@
-"""The training settings a robustness study compares: noise injection, Jacobian regularisation, a prior on
-layer-normalised embeddings and a coupling of fixed norm."""
+"""The training settings a robustness study compares: noise injection, Jacobian regularisation, label smoothing,
+a prior on layer-normalised embeddings and a coupling of fixed norm."""
 
 from __future__ import annotations
 
@@ -42,6 +42,17 @@ def test_the_jacobian_penalty_enters_the_loss_with_half_its_weight() -> None:
     torch.testing.assert_close(loss[0.5] - loss[0.0], expected)
 
 
+def test_the_label_smoothed_objective_is_torchs_label_smoothed_cross_entropy() -> None:
+    net = net_for(train={"label_smoothing": 0.1})
+    idx, tgt = torch.randint(0, 11, (2, 32)), torch.randint(0, 11, (2, 32))
+    pyro.clear_param_store()
+    loss = Trace_ELBO().differentiable_loss(
+        lambda: map_model(net, net, idx, tgt, 0.0, False, label_smoothing=0.1), empty_guide)
+    logits = net(idx).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), tgt.reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+
+
 def test_noise_is_injected_into_the_decoded_embeddings_in_training_only_and_the_prior_sees_clean_ones() -> None:
     idx = torch.randint(0, 11, (2, 32))
     noisy = net_for(train={"embed_noise": 0.5, "lambda_m": 0.1})
@@ -81,6 +92,7 @@ def test_a_fixed_coupling_norm_holds_through_training_and_a_checkpoint(tmp_path)
 @pytest.mark.parametrize("sections", [
     {"train": {"embed_noise": 0.05}},
     {"train": {"jacobian_reg": 0.01}},
+    {"train": {"label_smoothing": 0.1}},
     {"prior": {"input_norm": True}, "train": {"lambda_m": 0.05}},
     {"prior": {"coupling": "barrier", "density": "full", "learn_sigma": True}, "train": {"lambda_m": 0.05}},
 ])
@@ -91,7 +103,8 @@ def test_every_setting_trains_to_finite_scores(sections: dict) -> None:
     assert all(torch.isfinite(torch.tensor(r["val_bpc"])) for r in history)
 
 
-@pytest.mark.parametrize("field, value", [("embed_noise", -0.1), ("jacobian_reg", float("nan"))])
+@pytest.mark.parametrize("field, value", [("embed_noise", -0.1), ("jacobian_reg", float("nan")),
+                                          ("label_smoothing", 1.0)])
 def test_a_negative_or_undefined_strength_is_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         RunConfig.preset("tiny", train={field: value})

@@ -126,6 +126,9 @@ class TrainConfig:
             during training (noise injection, a robustness peer of the barrier; the prior sees clean ones).
         jacobian_reg: weight ``lambda_J`` of the Jacobian penalty ``lambda_J / 2 * ||d logits / d x||_F^2``
             per token (Hoffman et al. 2019), estimated with one Gaussian random projection per step.
+        label_smoothing: weight ``epsilon`` of the uniform distribution mixed into each next-character target
+            (Szegedy et al. 2016; ``F.cross_entropy(..., label_smoothing=epsilon)``): a confidence peer, trained
+            to be less sure, against which the robustness of every other setting is read.
     """
 
     corpus: str = "bundled"
@@ -148,6 +151,7 @@ class TrainConfig:
     amp: bool = True
     embed_noise: float = 0.0
     jacobian_reg: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -170,6 +174,7 @@ class TrainConfig:
         check_number(owner, "lambda_m", self.lambda_m, low=0)
         check_number(owner, "embed_noise", self.embed_noise, low=0)
         check_number(owner, "jacobian_reg", self.jacobian_reg, low=0)
+        check_number(owner, "label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
         check_bool(owner, "amp", self.amp)
         if self.device != "auto":
             try:

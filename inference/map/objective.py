@@ -66,12 +66,15 @@ class StepStats:
 
 def map_model(
     net: MAPNet, forward: Callable[[Tensor], NetOutput], idx: Tensor, targets: Tensor, lambda_m: float, amp: bool,
-    stats: StepStats | None = None, jacobian_reg: float = 0.0,
+    stats: StepStats | None = None, jacobian_reg: float = 0.0, label_smoothing: float = 0.0,
 ) -> None:
     """The Pyro model of the MAP objective (module docstring); ``forward`` is ``net`` or its DDP wrapper.
 
     ``jacobian_reg > 0`` adds the factor ``-lambda_J / 2 * ||J||_F^2 / (B T)``, ``J = d logits / d x`` the
     Jacobian of all logits with respect to the decoded embeddings, through :func:`jacobian_sq_norm`.
+    ``label_smoothing = epsilon > 0`` adds the factor ``-epsilon * (U - C) / (B T)``, ``C = -log p(y)`` the
+    observed characters' cross-entropy and ``U = -mean_k log p(k)`` that of the uniform target, so that the
+    objective is torch's label-smoothed cross-entropy ``(1 - epsilon) C + epsilon U``.
     """
     pyro.module("map", net)
     # the Jacobian penalty differentiates twice: fused attention kernels have no second derivative
@@ -83,6 +86,10 @@ def map_model(
         obs = pyro.sample("next_char", NextCharacter(out.logits.reshape(n, -1)), obs=targets.reshape(n))
     if out.prior_log_density is not None:
         pyro.factor("embedding_prior", lambda_m * out.prior_log_density.mean())
+    if label_smoothing > 0:
+        log_p = F.log_softmax(out.logits.reshape(n, -1).float(), dim=-1)  # (N, V)
+        uniform_minus_observed = log_p.gather(1, obs.unsqueeze(1)).squeeze(1) - log_p.mean(dim=-1)  # U - C, (N,)
+        pyro.factor("label_smoothing", -label_smoothing * uniform_minus_observed.sum() / n)
     if jacobian_reg > 0:
         pyro.factor("jacobian_penalty", -0.5 * jacobian_reg * jacobian_sq_norm(out.logits, out.decoded) / n)
     if stats is not None:

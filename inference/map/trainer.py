@@ -389,7 +389,8 @@ class MAPTrainer:
         lambda_m = self.config.train.lambda_m
         return SVI(
             lambda idx, tgt, stats: map_model(self.net, forward, idx, tgt, lambda_m, self.amp, stats,
-                                              jacobian_reg=self.config.train.jacobian_reg),
+                                              jacobian_reg=self.config.train.jacobian_reg,
+                                              label_smoothing=self.config.train.label_smoothing),
             empty_guide, optim, loss=Trace_ELBO(),
         )
 
