@@ -3,7 +3,7 @@
 A subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` (its flags, mapped onto a
 config dataclass) and ``run(args)``. The CLI stays thin: it dispatches, and turns a user's error (a bad
 value, a missing or damaged file, a run directory in use, a diverged run) into one line on stderr and a
-non-zero exit status; ``--debug`` shows the Python traceback instead.
+non-zero exit status (130 after Ctrl-C); ``--debug`` shows the Python traceback instead.
 
 Example::
 
@@ -45,6 +45,8 @@ mismatches and corruption), missing or unwritable files, a run directory in use,
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+"""Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2)."""
 
 
 class UsageError(ValueError):
@@ -93,7 +95,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_parsed(args: argparse.Namespace) -> int:
-    """Run a parsed command; returns its exit status, a user's error reported in one line on stderr
+    """Run a parsed command; returns its exit status, a user's error or a Ctrl-C reported in one line on stderr
     (re-raised with ``args.debug``)."""
     try:
         return int(args._run(args) or 0)
@@ -107,6 +109,11 @@ def run_parsed(args: argparse.Namespace) -> int:
             raise
         print(f"prob-attention {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as err:  # a command may say how to continue: KeyboardInterrupt("resume with --resume")
+        if args.debug:
+            raise
+        print(f"prob-attention {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ unless ``--sigma`` is given (:mod:`inference.trajectory`).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -26,7 +25,7 @@ from inference.smc import ParticleCollapse
 from inference.trajectory import TrajectoryModel
 from prob_attention.corpus import CharVocab, load_corpus, random_windows
 
-from .flags import add_device_flag, add_seed_flag, finite_float, positive_float, positive_int
+from .flags import add_device_flag, add_seed_flag, finite_float, float_in, nonempty_path, positive_float, positive_int
 from .runs import resolve_device
 
 HELP = "generate text with posterior-predictive uncertainty per character (SMC or SVI over the embeddings)"
@@ -34,9 +33,13 @@ HELP = "generate text with posterior-predictive uncertainty per character (SMC o
 SIGMA_WINDOWS = 64
 """Training windows the empirical-Bayes ``sigma`` is estimated from."""
 
+SIGMA_RANGE = (1e-30, 1e6)
+"""The ``--sigma`` accepted: far beyond any embedding scale on either side, and a scale whose square the float32
+prior still holds (past it the prior's terms are NaN)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", type=Path, required=True, help="a trained run (prob-attention train)")
+    parser.add_argument("--run-dir", type=nonempty_path, required=True, help="a trained run (prob-attention train)")
     parser.add_argument("--prompt", required=True, help="the text to continue (characters of the vocabulary)")
     parser.add_argument("--length", type=positive_int, default=40, help="characters to generate (default 40)")
     parser.add_argument("--particles", type=positive_int, default=32, help="SMC particles / SVI samples (default 32)")
@@ -53,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_trajectory_flags(parser: argparse.ArgumentParser) -> None:
     """``--sigma`` and ``--tau-ratio``: the trajectory model's scales (:func:`trajectory_model`)."""
-    parser.add_argument("--sigma", type=positive_float, default=None,
-                        help="latent noise scale (default: empirical Bayes)")
+    parser.add_argument("--sigma", type=float_in(*SIGMA_RANGE), default=None,
+                        help=f"latent noise scale in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}] "
+                             "(default: empirical Bayes)")
     parser.add_argument("--tau-ratio", type=positive_float, default=0.5,
                         help="emission scale tau / sigma (default 0.5)")
 
@@ -63,7 +67,8 @@ def encoded_splits(trained: TrainedModel) -> tuple[torch.Tensor, torch.Tensor, t
     """The run's corpus (as configured), train / validation / test encoded with the run's own vocabulary."""
     tc = trained.config.train
     corpus = load_corpus(tc.corpus, seed=tc.corpus_seed)
-    return trained.vocab.encode(corpus.train), trained.vocab.encode(corpus.val), trained.vocab.encode(corpus.test)
+    train, val, test = (corpus.encode_split(trained.vocab, split) for split in ("train", "val", "test"))
+    return train, val, test
 
 
 def trajectory_model(trained: TrainedModel, sigma: float | None, tau_ratio: float, seed: int = 0,

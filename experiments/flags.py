@@ -93,6 +93,18 @@ positive_int = _number(int, "positive_int", low=1)
 nonnegative_int = _number(int, "nonnegative_int", low=0)
 
 
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type`` reading a finite float in ``[low, high]``."""
+    return _number(float, "float_in", low=low, high=high)
+
+
+def nonempty_path(text: str) -> Path:
+    """An argparse ``type`` reading a path; an empty one (which would mean the current directory) is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty: give a directory (use '.' for the current one)")
+    return Path(text)
+
+
 def add_out_flag(parser: argparse.ArgumentParser, default: Path | None, help: str = "output directory") -> None:
     """``--out``: where a command writes its results."""
     parser.add_argument("--out", type=Path, default=default, help=f"{help} (default: {default})")

@@ -11,12 +11,14 @@ Examples::
 The run directory receives ``config.json``, ``history.json`` (per-epoch metrics), ``curves.png`` and
 ``checkpoint/`` (safetensors weights, JSON config and state, hashes, written atomically each epoch). It is
 locked while the run trains, and a directory that already holds a run is refused unless ``--resume`` or
-``--overwrite`` says what to do with it.
+``--overwrite`` says what to do with it. Ctrl-C stops the run with exit status 130; ``--resume`` continues it
+from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from inference.map import PRESETS, MAPTrainer, PriorConfig, RunConfig, TrainConf
 from inference.map.trainer import CURVES_FILE
 from prob_attention.gpt import GPTConfig
 
-from .flags import add_dataclass_flags, add_progress_flag, set_fields
+from .flags import add_dataclass_flags, add_progress_flag, nonempty_path, set_fields
 from .plots import plot_epoch_curves
 from .runs import RUNS_DIR, default_run_dir
 
@@ -41,7 +43,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip_train: tuple[str,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", type=Path, default=None,
+    parser.add_argument("--run-dir", type=nonempty_path, default=None,
                         help=f"output directory (default {RUNS_DIR}/<preset>-lambda<lambda_m>)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
@@ -71,13 +73,23 @@ def run(args: argparse.Namespace) -> int:
     trainer = MAPTrainer(config, run_dir, progress=not args.no_progress)
     try:
         trainer.fit(resume=args.resume, overwrite=args.overwrite, fresh_optimizer=args.fresh_optimizer)
-    finally:
-        if trainer.rank == 0 and trainer.history:
-            plot_epoch_curves({"": trainer.history}, run_dir / CURVES_FILE, title=f"{trainer.data.corpus_name}, "
-                                 f"lambda_m = {config.train.lambda_m:g}")
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # the curves so far, if the disk takes them: the error is the news
+            plot_curves(trainer, run_dir)
+        if isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt("resume with --resume") from err
+        raise
+    plot_curves(trainer, run_dir)
     if trainer.rank == 0:
         print(f"run saved in {run_dir}")
     return 0
+
+
+def plot_curves(trainer: MAPTrainer, run_dir: Path) -> None:
+    """``curves.png`` of the epochs ``trainer`` has done (rank 0; nothing before the first epoch)."""
+    if trainer.rank == 0 and trainer.history:
+        plot_epoch_curves({"": trainer.history}, run_dir / CURVES_FILE, title=f"{trainer.data.corpus_name}, "
+                             f"lambda_m = {trainer.config.train.lambda_m:g}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ A checkpoint is a directory::
 then swaps it onto the target (the old checkpoint is renamed aside, the new one renamed in, the old
 one removed). A crash at any point leaves a complete checkpoint: the target, or, killed between the
 two renames, a complete hidden sibling that :func:`load_checkpoint` reads and :func:`recover_checkpoint`
-moves back into place. :func:`load_checkpoint` verifies every file it reads against the manifest, checks
+moves back into place. A reader that meets a swap (it reads a run while it trains) reads again from
+the complete checkpoint. :func:`load_checkpoint` verifies every file it reads against the manifest, checks
 that the weights are finite, the config and every tensor name and shape before touching a module, and
 names the file at fault. A checkpoint without a manifest (written before manifests existed) loads as
 legacy and unverified; its weights are still checked for finiteness, names and shapes.
@@ -39,10 +40,10 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import safetensors
 import safetensors.torch
@@ -129,15 +130,12 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a checkpoint is an ordinary directory
-        safetensors.torch.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS)
+        # serialised in memory, written by Python: a full disk is an OSError (ENOSPC), whatever the format
+        _write_bytes(tmp / WEIGHTS, safetensors.torch.save(tensors, metadata={"format": "pt"}))
         _write_text(tmp / CONFIG, config_text)
         _write_text(tmp / STATE, state_text)
         if optimizer_state is not None:
-            with open(tmp / OPTIMIZER, "wb") as f:
-                torch.save(optimizer_state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_bytes(tmp / OPTIMIZER, _torch_bytes(optimizer_state))
         _write_manifest(tmp)
         _fsync(tmp)
         _swap_into_place(tmp, target)
@@ -208,7 +206,8 @@ def load_checkpoint(
 
     Every check runs before any module is modified, so a failed load leaves the modules unchanged.
     When ``directory`` is missing because a save was interrupted, the complete copy it left is read
-    (:func:`find_checkpoint`).
+    (:func:`find_checkpoint`); a read that a concurrent save's swap spoils is read again from the complete
+    checkpoint, up to :data:`READ_ATTEMPTS` times.
 
     Args:
         directory: a directory written by :func:`save_checkpoint`.
@@ -227,12 +226,14 @@ def load_checkpoint(
             hold NaN or inf.
         CheckpointMismatchError: config values, tensor names or tensor shapes differ.
     """
-    files = _VerifiedFiles(_existing(directory))
-    if config is not None:
-        _check_config(files.json(CONFIG), config, files.path(CONFIG))
-    state = files.json(STATE)
-    per_module = _split_and_check(files.weights(), modules)
-    optimizer_state = files.optimizer_state(map_location) if optimizer else None
+
+    def read(files: _VerifiedFiles) -> tuple[Any, dict[str, dict[str, Tensor]], dict[str, Any] | None]:
+        if config is not None:
+            _check_config(files.json(CONFIG), config, files.path(CONFIG))
+        return (files.json(STATE), _split_and_check(files.weights(), modules),
+                files.optimizer_state(map_location) if optimizer else None)
+
+    state, per_module, optimizer_state = _read_verified(directory, read)
     for name, module in modules.items():
         module.load_state_dict(per_module[name], strict=True)
     return state, optimizer_state
@@ -240,12 +241,32 @@ def load_checkpoint(
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``config.json`` of a checkpoint directory (verified against its manifest)."""
-    return _VerifiedFiles(_existing(directory)).json(CONFIG)
+    return _read_verified(directory, lambda files: files.json(CONFIG))
 
 
 def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``state.json`` of a checkpoint directory (verified against its manifest)."""
-    return _VerifiedFiles(_existing(directory)).json(STATE)
+    return _read_verified(directory, lambda files: files.json(STATE))
+
+
+READ_ATTEMPTS = 3
+"""How often a checkpoint is read before a missing file or a hash that differs from the manifest is reported: a
+save that swaps the checkpoint while a reader is between its manifest and its files causes both."""
+
+_Read = TypeVar("_Read")
+
+
+def _read_verified(directory: str | os.PathLike[str], read: Callable[[_VerifiedFiles], _Read]) -> _Read:
+    """``read`` of the checkpoint of ``directory``, its files checked against the manifest. When a file is missing
+    or differs from the manifest, the complete checkpoint is found afresh (:func:`find_checkpoint`) and read again,
+    up to :data:`READ_ATTEMPTS` times: a damaged file fails every time and is reported, a save that swapped the
+    checkpoint during a read is not."""
+    for _ in range(READ_ATTEMPTS - 1):
+        try:
+            return read(_VerifiedFiles(_existing(directory)))
+        except (FileNotFoundError, CheckpointCorruptError):
+            continue
+    return read(_VerifiedFiles(_existing(directory)))
 
 
 def find_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
@@ -504,11 +525,23 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` and fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    """Write ``text`` to ``path`` (UTF-8) and fsync it."""
+    _write_bytes(path, text.encode("utf-8"))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    """``obj`` as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _sha256(data: bytes) -> str:

@@ -146,14 +146,43 @@ class CharVocab:
         return cls(tuple(d["chars"]), d["on_unknown"])  # type: ignore[arg-type]
 
 
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+"""The splits of a :class:`CharCorpus` (its field names) and how messages name them."""
+
+
 @dataclass
 class CharCorpus:
-    """The three text splits of a character corpus, and its name (for labelling results)."""
+    """The three text splits of a character corpus, its name (for labelling results) and, for a corpus read
+    from files, the file of each split (``"train"``, ``"val"``, ``"test"`` -> path; for messages)."""
 
     name: str
     train: str
     val: str
     test: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def where(self, split: str) -> str:
+        """How a message names ``split``: ``"the validation split (folder/wiki.valid.raw)"``, or with the corpus's
+        name where the split has no file of its own."""
+        return f"the {SPLIT_NAMES[split]} split ({self.files.get(split, self.name)})"
+
+    def encode_split(self, vocab: CharVocab, split: str) -> torch.Tensor:
+        """``split`` encoded with ``vocab``; a character outside it (with ``on_unknown="error"``) is a
+        ``ValueError`` naming the split and its file."""
+        try:
+            return vocab.encode(getattr(self, split))
+        except ValueError as err:
+            raise ValueError(f"{self.where(split)}: {err}, unseen in the training split (on_unknown='unk' maps "
+                             "such characters to UNK)") from err
+
+    def require_windows(self, block_size: int) -> None:
+        """Raise ``ValueError`` naming the split and its file when a split is shorter than one window of
+        ``block_size`` characters and its next character."""
+        for split in SPLIT_NAMES:
+            length = len(getattr(self, split))
+            if length < block_size + 1:
+                raise ValueError(f"{self.where(split)} holds {length} characters, fewer than one window of "
+                                 f"block_size + 1 = {block_size + 1}")
 
     def summary(self, vocab: CharVocab | None = None) -> str:
         """One line: characters per split and, given a vocabulary, its size (UNK included)."""
@@ -215,15 +244,32 @@ def _load_wikitext2_raw() -> CharCorpus:
 
 def _load_folder(folder: Path) -> CharCorpus:
     """Read ``wiki.{train,valid,test}.raw`` (or ``.tokens``) from ``folder`` as the splits."""
-    texts = []
-    for split in _SPLITS:
-        candidates = [folder / f"wiki.{split}.{ext}" for ext in ("raw", "tokens")]
+    files: dict[str, Path] = {}
+    for split, file_split in zip(SPLIT_NAMES, _SPLITS):
+        candidates = [folder / f"wiki.{file_split}.{ext}" for ext in ("raw", "tokens")]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             names = " nor ".join(p.name for p in candidates)
             raise FileNotFoundError(f"{folder} holds neither {names}")
-        texts.append(path.read_text(encoding="utf-8"))
-    return CharCorpus(f"local:{folder}", *texts)
+        files[split] = path
+    texts = [_read_split(path, split) for split, path in files.items()]
+    return CharCorpus(f"local:{folder}", *texts, files=files)
+
+
+def _read_split(path: Path, split: str) -> str:
+    """The text of the file of ``split``; ``ValueError`` naming the file and the split when it is empty or not
+    text (not UTF-8, or holding NUL characters)."""
+    name = f"{path}: the {SPLIT_NAMES[split]} split"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name} is not UTF-8 text (byte {err.start}: {err.reason}); is it a binary file?") from err
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise ValueError(f"{name} holds NUL characters (the first at character {nul}): a binary file, not text")
+    if not text:
+        raise ValueError(f"{name} is empty")
+    return text
 
 
 def load_corpus(
@@ -243,7 +289,8 @@ def load_corpus(
 
     Raises:
         RuntimeError: ``"wikitext-2-raw"`` could not be loaded (e.g. offline).
-        ValueError: ``source`` is none of the above.
+        ValueError: ``source`` is none of the above, or a folder's file is empty or not text (the message names
+            the file and its split).
 
     The bundled corpus is deterministic for a given seed and fractions.
     """

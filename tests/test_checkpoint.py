@@ -118,8 +118,13 @@ def test_an_empty_saved_config_matches_no_config(tmp_path):
 
 
 def test_config_is_compared_after_json_normalisation(tmp_path):
-    save_checkpoint(tmp_path / "ckpt", modules=build(0), config={"sigmas": (0.1, 0.2)}, state={})
-    load_checkpoint(tmp_path / "ckpt", modules=build(1), config={"sigmas": [0.1, 0.2]})
+    modules = build(0)
+    save_checkpoint(tmp_path / "ckpt", modules=modules, config={"sigmas": (0.1, 0.2)}, state={})
+    fresh = build(1)
+    assert load_checkpoint(tmp_path / "ckpt", modules=fresh, config={"sigmas": [0.1, 0.2]}) == ({}, None)
+    assert_same_weights(modules, fresh)  # the tuple saved as a JSON list matches the list
+    with pytest.raises(CheckpointMismatchError, match=r"sigmas: saved \[0\.1, 0\.2\], given \[0\.1, 0\.3\]"):
+        load_checkpoint(tmp_path / "ckpt", modules=build(1), config={"sigmas": (0.1, 0.3)})
 
 
 def test_different_shapes_raise_mismatch_and_leave_modules_untouched(tmp_path):
@@ -171,7 +176,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monk
     old = build(0)
     save(tmp_path / "ckpt", old)
     if target == "safetensors":
-        monkeypatch.setattr(safetensors.torch, "save_file", _raise)
+        monkeypatch.setattr(safetensors.torch, "save", _raise)
     else:
         monkeypatch.setattr(torch, "save", _raise)  # fails after the weights and JSON files are written
     with pytest.raises(OSError, match="simulated"):

@@ -123,6 +123,41 @@ def test_local_folder_missing_a_split_raises(tmp_path: Path) -> None:
         load_corpus(tmp_path)
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n", "is not UTF-8 text (byte 0: invalid start byte)"),
+    (b" = A = \n a\x00b \n", "holds NUL characters (the first at character 10)"),
+])
+def test_a_split_file_that_is_empty_or_not_text_is_refused_naming_the_file_and_split(
+        tmp_path: Path, content: bytes, problem: str) -> None:
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"wiki.{split}.raw").write_text(" = A = \n a \n", encoding="utf-8")
+    (tmp_path / "wiki.valid.raw").write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_corpus(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'wiki.valid.raw'}: the validation split {problem}")
+
+
+def test_a_split_shorter_than_one_window_is_refused_naming_it_and_its_file(tmp_path: Path) -> None:
+    texts = {"train": "abcdefghij", "valid": "abcdefghij", "test": "abcde"}
+    for split, text in texts.items():
+        (tmp_path / f"wiki.{split}.raw").write_text(text, encoding="utf-8")
+    corpus = load_corpus(tmp_path)
+    corpus.require_windows(4)
+    with pytest.raises(ValueError, match=r"^the test split \(.*wiki\.test\.raw\) holds 5 characters, fewer than one "
+                                         r"window of block_size \+ 1 = 6$"):
+        corpus.require_windows(5)
+
+
+def test_characters_unseen_in_training_are_refused_naming_the_split_and_its_source() -> None:
+    corpus = CharCorpus("slice", "abc", "abz", "abc")
+    vocab = CharVocab.from_text(corpus.train, on_unknown="error")
+    assert corpus.encode_split(vocab, "test").tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"^the validation split \(slice\): 1 character\(s\) not in the vocabulary: "
+                                         r"'z' at position 2, unseen in the training split"):
+        corpus.encode_split(vocab, "val")
+
+
 def test_unknown_source_raises_naming_the_choices() -> None:
     with pytest.raises(ValueError, match="bundled.*wikitext-2-raw"):
         load_corpus("wikitext-103")

@@ -4,6 +4,7 @@ number is checked before work starts, and every command fails with one clear lin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -95,6 +96,31 @@ def rehash(ckpt: Path) -> None:
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
+def without_test_scores(ckpt: Path) -> None:
+    """Drop the test scores from a checkpoint's last epoch (rehashed): the checkpoint a run saves after its last
+    epoch and before it scores the test split."""
+    state = json.loads((ckpt / "state.json").read_text())
+    state["history"][-1] = {k: v for k, v in state["history"][-1].items() if not k.startswith("test_")}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    rehash(ckpt)
+
+
+def history_file(run_dir: Path) -> list[dict[str, object]]:
+    """The history in a run's ``history.json``."""
+    return json.loads((run_dir / "history.json").read_text())["history"]
+
+
+def same_values(a: object, b: object) -> bool:
+    """Whether two nested structures of dicts, sequences, tensors and scalars hold equal values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
     """The command's stderr, checked to be a single line naming the command, without a traceback."""
     err = capsys.readouterr().err
@@ -127,6 +153,12 @@ def test_train_refuses_a_directory_that_holds_a_run_and_leaves_it_unchanged(
     with pytest.raises(RunExistsError):
         fit(corpus_dir, run_copy)
     assert snapshot(run_copy) == before
+
+
+def test_the_refusal_states_the_epoch_count_of_the_saved_run_not_of_the_command(
+        corpus_dir: Path, run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train(corpus_dir, run_copy, "--epochs", "20") == 2
+    assert "already holds a run (checkpoint at epoch 2 of 2)" in one_error_line(capsys, "train")
 
 
 def test_the_readme_command_run_twice_keeps_the_first_result(
@@ -257,6 +289,66 @@ def test_killed_between_the_renames_of_the_swap_resume_continues_from_the_newer_
     assert resumed.history == load_trained(tmp_path / "killed").history
 
 
+def test_a_resume_that_only_scores_the_test_split_keeps_one_optimizer_state_per_parameter(
+        corpus_dir: Path, run_copy: Path) -> None:
+    ckpt = run_copy / "checkpoint"
+    without_test_scores(ckpt)  # killed after the last epoch's checkpoint, before the test scores were saved
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert train(corpus_dir, run_copy, "--resume") == 0
+    assert "test_bpc" in load_trained(run_copy).history[-1]
+    resumed = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    parameters = sum(1 for _ in load_trained(run_copy).net.parameters())
+    assert len(resumed) == parameters
+    assert same_values(resumed, saved)  # no step was taken: the state is the one resumed
+
+
+@pytest.mark.parametrize("killed", ["during the final history.json write", "between the final renames"])
+def test_a_resume_of_a_run_killed_in_its_final_save_brings_history_json_up_to_date(
+        corpus_dir: Path, run_copy: Path, capsys: pytest.CaptureFixture[str], killed: str) -> None:
+    ckpt = run_copy / "checkpoint"
+    history = json.loads((run_copy / "history.json").read_text())
+    history["history"][-1] = {k: v for k, v in history["history"][-1].items() if not k.startswith("test_")}
+    (run_copy / "history.json").write_text(json.dumps(history))  # the write that was killed never landed
+    if killed == "between the final renames":
+        old = Path(shutil.copytree(ckpt, run_copy / ".checkpoint.old-killed"))
+        without_test_scores(old)
+        os.replace(ckpt, run_copy / ".checkpoint.tmp-killed")
+    assert train(corpus_dir, run_copy, "--resume") == 0
+    assert "2 of 2 epochs done" in capsys.readouterr().out
+    assert "test_bpc" in history_file(run_copy)[-1]
+    assert history_file(run_copy) == load_trained(run_copy).history
+    assert ckpt.is_dir() and sorted(p.name for p in run_copy.iterdir() if p.name.startswith(".")) == []
+
+
+def test_resume_refuses_a_run_whose_checkpoint_is_gone_and_keeps_its_history(
+        corpus_dir: Path, run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(run_copy / "checkpoint")
+    before = snapshot(run_copy)
+    assert train(corpus_dir, run_copy, "--resume") == 2
+    line = one_error_line(capsys, "train")
+    assert "holds a run (history.json) but no checkpoint" in line and "--overwrite" in line
+    with pytest.raises(RunExistsError):
+        MAPTrainer(tiny(corpus_dir), run_copy, progress=False).fit(resume=True)
+    assert snapshot(run_copy) == before
+
+
+def test_stale_temporary_history_files_are_removed_when_a_run_starts_or_resumes(
+        corpus_dir: Path, run_copy: Path, tmp_path: Path) -> None:
+    others = [".config.json.tmp-1234abcd", ".history.json.old", "history.json.tmp-1234abcd"]
+    for name in [".history.json.tmp-1234abcd", ".history.json.tmp-ffff0000", *others]:
+        (run_copy / name).write_text('{"hist')  # left by a kill during an atomic write
+    assert train(corpus_dir, run_copy) == 2  # a refused run changes nothing
+    assert (run_copy / ".history.json.tmp-1234abcd").exists()
+    assert train(corpus_dir, run_copy, "--resume") == 0
+    assert sorted(p.name for p in run_copy.iterdir() if "tmp" in p.name or p.name.endswith(".old")) == sorted(others)
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / ".history.json.tmp-1234abcd").write_text('{"hist')
+    assert train(corpus_dir, new, "--epochs", "1", "--steps-per-epoch", "1") == 0
+    assert not (new / ".history.json.tmp-1234abcd").exists()
+
+
 def test_reproduce_quick_never_writes_into_the_committed_results() -> None:
     args = parse(["reproduce", "--quick"])
     assert reproduce.out_dir(args) == Path("runs/reproduce-quick")
@@ -286,6 +378,9 @@ def test_bad_numbers_are_refused_before_any_work(corpus_dir: Path, tmp_path: Pat
 @pytest.mark.parametrize("argv", [
     ["decode", "--run-dir", "x", "--prompt", "a", "--mi-threshold", "nan"],
     ["decode", "--run-dir", "x", "--prompt", "a", "--sigma", "-1"],
+    ["decode", "--run-dir", "x", "--prompt", "a", "--sigma", "1e30"],
+    ["decode", "--run-dir", "x", "--prompt", "a", "--sigma", "1e-300"],
+    ["decoding-study", "--run-dirs", "x", "--sigma", "1e30"],
     ["noise-robustness", "--runs", "x", "--sigma-max", "inf"],
     ["regularization-path", "--sigma", "nan"],
     ["support-tokens", "--runs", "x", "--tol", "nan"],
@@ -347,6 +442,31 @@ def test_non_finite_weights_are_refused_with_or_without_a_manifest(
     assert cli_main(["noise-robustness", "--runs", str(run_copy), str(run_copy), "--out", str(tmp_path / "out")]) == 2
     assert "non-finite weights" in one_error_line(capsys, "noise-robustness")
     assert not (tmp_path / "out").exists()
+
+
+def test_decode_reading_a_run_while_a_save_swaps_its_checkpoint_reads_the_complete_checkpoint(
+        run_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = run_copy / "checkpoint"
+    newer = Path(shutil.copytree(ckpt, tmp_path / "newer"))  # the next epoch's checkpoint: other weights
+    tensors = {k: t + 0.01 if t.is_floating_point() else t
+               for k, t in safetensors.torch.load_file(newer / "model.safetensors").items()}
+    safetensors.torch.save_file(tensors, newer / "model.safetensors", metadata={"format": "pt"})
+    rehash(newer)
+    real_read = checkpoint._VerifiedFiles.read
+    swaps: list[str] = []
+
+    def read_while_a_save_swaps(self, name):  # type: ignore[no-untyped-def]
+        if name == "model.safetensors" and not swaps:  # the reader holds the old manifest: the trainer swaps now
+            swaps.append(name)
+            checkpoint._swap_into_place(newer, ckpt)
+        return real_read(self, name)
+
+    monkeypatch.setattr(checkpoint._VerifiedFiles, "read", read_while_a_save_swaps)
+    assert cli_main(["decode", "--run-dir", str(run_copy), "--prompt", "The ", "--length", "2", "--particles", "4",
+                     "--sigma", "0.05", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert swaps and "text: The " in capsys.readouterr().out
+    monkeypatch.undo()
+    assert torch.equal(load_trained(run_copy).net.gpt.wte.weight, tensors["net.gpt.wte.weight"])
 
 
 def test_committed_legacy_checkpoints_load_without_rewriting_them() -> None:
@@ -429,6 +549,67 @@ def test_non_finite_logits_raise_training_diverged_before_pyro_sees_them(corpus_
     with pytest.raises(TrainingDiverged, match=r"non-finite forward pass .* epoch 2: .*checkpoint \(epoch 1\) is kept"):
         trainer.fit()
     assert [r["epoch"] for r in load_trained(tmp_path).history] == [1]
+
+
+def test_a_full_disk_while_saving_stops_in_one_line_and_keeps_the_previous_checkpoint(
+        corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    real_write = checkpoint._write_bytes
+
+    def full_from_the_second_checkpoint(path: Path, data: bytes) -> None:
+        if path.parent.name.startswith(".checkpoint.tmp-") and (run_dir / "checkpoint").exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", full_from_the_second_checkpoint)
+    assert train(corpus_dir, run_dir, "--epochs", "3", "--steps-per-epoch", "2") == 2
+    line = one_error_line(capsys, "train")
+    assert "the disk is full" in line and "the checkpoint at epoch 1 is kept" in line and "--resume" in line
+    monkeypatch.undo()
+    assert [r["epoch"] for r in load_trained(run_dir).history] == [r["epoch"] for r in history_file(run_dir)] == [1]
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_ctrl_c_during_training_exits_130_saying_how_to_resume(
+        corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    crash_after_first_epoch(monkeypatch)
+    assert train(corpus_dir, run_dir, "--epochs", "3", "--steps-per-epoch", "2") == 130
+    assert one_error_line(capsys, "train") == "prob-attention train: interrupted; resume with --resume"
+    monkeypatch.undo()
+    assert train(corpus_dir, run_dir, "--epochs", "3", "--steps-per-epoch", "2", "--resume") == 0
+    assert [r["epoch"] for r in load_trained(run_dir).history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("problem, split, message", [
+    ("empty", "valid", "the validation split is empty"),
+    ("binary", "test", "the test split is not UTF-8 text"),
+    ("nul", "train", "the training split holds NUL characters"),
+    ("short", "valid", "the validation split (FILE) holds 10 characters, fewer than one window"),
+    ("unseen", "test", "the test split (FILE): 1 character(s) not in the vocabulary: '\u2603'"),
+])
+def test_a_bad_corpus_folder_is_refused_in_one_line_naming_the_file_and_split(
+        corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], problem: str, split: str,
+        message: str) -> None:
+    folder = Path(shutil.copytree(corpus_dir, tmp_path / "corpus"))
+    path = folder / f"wiki.{split}.raw"
+    text = path.read_text()
+    path.write_bytes({"empty": b"", "binary": b"\x89PNG\r\n\x1a\n\x00\x00", "nul": text.encode() + b"\x00",
+                      "short": text[:10].encode(), "unseen": (text + "\u2603").encode()}[problem])
+    assert train(folder, tmp_path / "run", "--on-unknown", "error") == 2
+    line = one_error_line(capsys, "train")
+    assert str(path) in line and message.replace("FILE", str(path)) in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--preset", "tiny"], ["decode", "--prompt", "a"]])
+def test_an_empty_run_dir_is_refused_rather_than_read_as_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([*command, "--run-dir", ""]) == 2
+    assert "argument --run-dir: must not be empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_decode_reports_a_collapsed_posterior_in_one_line(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,16 +44,17 @@ class TrainedModel:
 def load_trained(run_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> TrainedModel:
     """Load the checkpoint of a run directory for evaluation or inference: weights from safetensors, verified
     against the checkpoint's manifest (a legacy checkpoint without one loads unverified) and checked for
-    finiteness; the optimiser state is never read.
+    finiteness; the optimiser state is never read. A run that is training can be read: a read that meets a
+    checkpoint's swap is read again from the complete checkpoint.
 
     Raises:
         FileNotFoundError: no checkpoint in ``run_dir``.
         CheckpointCorruptError: a file differs from its manifest hash, cannot be parsed, or holds NaN/inf weights.
         CheckpointMismatchError: the weights do not fit the saved config.
     """
-    ckpt = find_checkpoint(Path(run_dir) / CHECKPOINT_DIR)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {Path(run_dir) / CHECKPOINT_DIR})")
+    ckpt = Path(run_dir) / CHECKPOINT_DIR  # not the copy found now: a save may swap it while it is read
+    if find_checkpoint(ckpt) is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {ckpt})")
     saved = read_config(ckpt)
     config, gpt_config, vocab, corpus = _parse_config(saved, ckpt / "config.json")
     net = build_net(config, gpt_config)

@@ -9,6 +9,7 @@ a refused run leaves the directory as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -85,8 +86,9 @@ class Data:
 
     @classmethod
     def from_corpus(cls, corpus: CharCorpus, on_unknown: str) -> Data:
+        """The splits of ``corpus`` encoded with the vocabulary of its training split (errors name the split)."""
         vocab = CharVocab.from_text(corpus.train, on_unknown=on_unknown)  # type: ignore[arg-type]
-        return cls(corpus.name, vocab, vocab.encode(corpus.train), vocab.encode(corpus.val), vocab.encode(corpus.test))
+        return cls(corpus.name, vocab, *(corpus.encode_split(vocab, split) for split in ("train", "val", "test")))
 
     def unseen_characters(self, corpus: CharCorpus) -> dict[str, int]:
         """Characters of the validation and test splits that the vocabulary maps to UNK, with counts."""
@@ -149,6 +151,7 @@ class MAPTrainer:
         self.unseen = self.data.unseen_characters(corpus)
         self.gpt_config = config.gpt_config(len(self.data.vocab))
         self.block = self.gpt_config.block_size
+        corpus.require_windows(self.block)
         self.steps_per_epoch = tc.steps_per_epoch or max(1, len(self.data.train) // (tc.batch_size * self.block))
         self.verbose = self.rank == 0
         self.progress = progress and self.verbose
@@ -156,6 +159,7 @@ class MAPTrainer:
         self.net = build_net(config, self.gpt_config).to(self.device)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
+        self._resumed_optimizer_state: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def full_config(self) -> dict[str, Any]:
@@ -192,14 +196,37 @@ class MAPTrainer:
         return None if self.run_dir is None else self.run_dir / CHECKPOINT_DIR
 
     def _save(self, optim: GlobalClipScheduler) -> None:
+        """The checkpoint, then ``history.json``; a full disk stops the run with one line saying what is kept."""
         ckpt = self._checkpoint_dir()
         if ckpt is None or self.rank != 0:
             return
         state = {"epoch": self.epoch, "history": self.history}
-        save_checkpoint(ckpt, modules={"net": self.net}, config=self.full_config(), state=state,
-                        optimizer_state=optim.get_state())
+        try:
+            save_checkpoint(ckpt, modules={"net": self.net}, config=self.full_config(), state=state,
+                            optimizer_state=self._optimizer_state(optim))
+            self._write_history()
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise OSError(f"the disk is full, so the run stopped in {self.run_dir}: {self._kept()}; free some space, "
+                          "then continue it with --resume (resume=True)") from err
+
+    def _optimizer_state(self, optim: GlobalClipScheduler) -> dict[str, Any]:
+        """The optimiser state to save, per parameter: its live state, or the resumed one while no step has used it
+        (Pyro hands a loaded state to a parameter's optimiser at its first step, and only then reports it)."""
+        return {**self._resumed_optimizer_state, **optim.get_state()}
+
+    def _write_history(self) -> None:
+        """``history.json``: the config and the history of the run so far."""
         write_text_atomic(self.run_dir / HISTORY_FILE,
                           json.dumps({"config": self.full_config(), "history": self.history}, indent=2, sort_keys=True))
+
+    def _kept(self) -> str:
+        """What a stopped run leaves: ``"the checkpoint at epoch 2 is kept"``, or that there is none."""
+        try:
+            return f"the checkpoint at epoch {read_state(self._checkpoint_dir())['epoch']} is kept"
+        except FileNotFoundError:
+            return "no checkpoint was written yet"
 
     # ------------------------------------------------------------------ the run directory
     def _owning(self) -> AbstractContextManager[object]:
@@ -233,17 +260,27 @@ class MAPTrainer:
                 self._remove_run()
         if self.rank == 0:
             recover_checkpoint(self._checkpoint_dir())  # a resumed copy goes back in place; leftovers go
+            self._remove_stale_history_copies()
             if not (self.run_dir / CONFIG_FILE).exists():
                 write_text_atomic(self.run_dir / CONFIG_FILE, json.dumps(self.full_config(), indent=2, sort_keys=True))
         return resumed
 
+    def _remove_stale_history_copies(self) -> None:
+        """Delete the temporary ``.history.json.tmp-*`` files a kill during a write of ``history.json`` left in
+        the run directory (this process holds its lock, so none is being written)."""
+        for path in self.run_dir.glob(f".{HISTORY_FILE}.tmp-*"):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
     def _progress_note(self) -> str:
-        """`` (checkpoint at epoch 3 of 20)`` for a refusal message, or ``""`` when no checkpoint is readable."""
+        """`` (checkpoint at epoch 3 of 20)`` for a refusal message, the saved run's epoch and epoch count, or ``""``
+        when no checkpoint is readable."""
+        ckpt = self._checkpoint_dir()
         try:
-            epoch = read_state(self._checkpoint_dir())["epoch"]
+            epoch, epochs = read_state(ckpt)["epoch"], read_config(ckpt)["run"]["train"]["epochs"]
         except (OSError, ValueError, KeyError, TypeError):
             return ""
-        return f" (checkpoint at epoch {epoch} of {self.config.train.epochs})"
+        return f" (checkpoint at epoch {epoch} of {epochs})"
 
     def _remove_run(self) -> None:
         """Delete what a previous run wrote here (its files and checkpoint; nothing else in the directory)."""
@@ -276,11 +313,20 @@ class MAPTrainer:
             raise CheckpointMismatchError(f"{path} is another run's config (" + "; ".join(diffs) + "): resume with "
                                           "that run's settings or choose another run directory")
 
+    def _refuse_a_run_without_checkpoint(self) -> None:
+        """:class:`RunExistsError` when the directory holds a run's ``history.json`` (written only after a checkpoint)
+        but no checkpoint: a resume there would start again and replace that run."""
+        if (self.run_dir / HISTORY_FILE).exists():
+            raise RunExistsError(
+                f"{self.run_dir} holds a run ({HISTORY_FILE}) but no checkpoint to resume from; replace it with "
+                "--overwrite (overwrite=True) or choose another run directory")
+
     def _resume(self, optim: GlobalClipScheduler, fresh_optimizer: bool) -> bool:
         """Load the checkpoint (weights, history, optimiser state) into this run; ``False`` when there is none."""
         self._check_run_config()
         ckpt = find_checkpoint(self._checkpoint_dir())
         if ckpt is None:
+            self._refuse_a_run_without_checkpoint()
             return False
         self._check_saved_config(read_config(ckpt), ckpt / "config.json")
         state, optim_state = load_checkpoint(ckpt, modules={"net": self.net}, map_location=self.device,
@@ -295,6 +341,7 @@ class MAPTrainer:
                 "schedule at the peak; pass --fresh-optimizer (fresh_optimizer=True) to continue with a new optimiser")
         if optim_state is not None:
             optim.set_state(optim_state)
+            self._resumed_optimizer_state = optim_state
         self.epoch, self.history = epoch, history
         return True
 
@@ -306,7 +353,8 @@ class MAPTrainer:
         diagnostics) and an atomic checkpoint. The test split is scored once, after the last epoch.
 
         Args:
-            resume: continue from the run directory's checkpoint (a new run when there is none).
+            resume: continue from the run directory's checkpoint (a new run when there is none, unless the directory
+                holds the history of a run whose checkpoint is gone); a finished run's files are brought up to date.
             overwrite: replace a run the directory already holds.
             fresh_optimizer: resume with a new optimiser and schedule instead of the saved ones (needed when
                 the checkpoint has no optimiser state).
@@ -318,6 +366,7 @@ class MAPTrainer:
                 be resumed (nothing was written).
             TrainingDiverged: the loss, the logits or the gradient norm became non-finite; the last good
                 checkpoint is kept.
+            OSError: the disk is full (the message says which checkpoint is kept), or another failure to write.
         """
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
@@ -362,6 +411,8 @@ class MAPTrainer:
                 self._save(optim)
                 if self.verbose:
                     self.log(f"test: bpc {scores['bpc']:.4f}  barrier {scores['barrier']:.4f}")
+            elif self.rank == 0 and self.run_dir is not None:
+                self._write_history()  # a finished run resumed: a kill may have left history.json behind its checkpoint
         finally:
             bar.close()
 
