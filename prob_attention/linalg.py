@@ -9,7 +9,8 @@ prior's 16 x 16 blocks). These functions take the LU factorisation and its solve
 whenever the matrices are large and torch runs several CPU threads. ``solve`` and ``solve_ex`` call
 ``torch.linalg`` directly otherwise (CUDA, one thread, small matrices); ``slogdet`` on CPU always takes its
 own LU of ``a^T`` (see :class:`_Slogdet`), whose gradient comes out in the layout the barrier's backward
-reads fastest. Gradients are first-order only on these paths.
+reads fastest. Gradients are first-order only on these paths; ``torch.func`` transforms (``vmap``, ``grad``,
+``jacrev``) run through them.
 
 ``tests/test_linalg.py`` checks both, values and gradients, against float64 ``torch.linalg`` run on one
 thread (with two, torch's own result is the one that is wrong). Not guarded: ``eigvals`` and ``svdvals``
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,22 +67,34 @@ class _Slogdet(torch.autograd.Function):
     factorisation starts from a plain copy, and the adjoint solve against its factors gives ``a^{-1}``
     column-major, i.e. the gradient ``a^{-T}`` row-major, the layout the ops downstream read fastest
     (``torch.linalg.slogdet`` transposes on the way in and returns a column-major gradient).
+
+    The factors are outputs too (not differentiable), so that :meth:`setup_context` can keep them for the backward:
+    the form ``torch.func`` transforms need; every op batches, so ``vmap`` runs the forward as it is.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """``(sign, log|det a|, LU of a^T, pivots)``."""
         lu, pivots, _ = _lu(a.mT)  # a singular matrix: sign 0, log|det| = -inf, as torch.linalg.slogdet
         diag = lu.diagonal(dim1=-2, dim2=-1)
         steps = torch.arange(1, a.shape[-1] + 1, device=a.device, dtype=pivots.dtype)
         swaps = (pivots != steps).sum(-1)
         sign = torch.sign(diag).prod(-1) * (1 - 2 * (swaps % 2)).to(a.dtype)
+        return sign, diag.abs().log().sum(-1), lu, pivots
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+        sign, _, lu, pivots = output
         ctx.save_for_backward(lu, pivots)
-        ctx.mark_non_differentiable(sign)
-        return sign, diag.abs().log().sum(-1)
+        ctx.mark_non_differentiable(sign, lu, pivots)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _grad_sign: Tensor, grad_logabs: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, _grad_sign: Tensor, grad_logabs: Tensor, _grad_lu: Tensor, _grad_pivots: Tensor
+    ) -> Tensor:
         lu, pivots = ctx.saved_tensors
         eye = torch.eye(lu.shape[-1], dtype=lu.dtype, device=lu.device).expand_as(lu)
         inverse = _lu_solve(lu, pivots, eye, adjoint=True)  # (a^T)^{-T} = a^{-1}, column-major
@@ -88,33 +102,56 @@ class _Slogdet(torch.autograd.Function):
 
 
 class _SolveOneThread(torch.autograd.Function):
-    """``x = a^{-1} b``; backward ``grad_b = a^{-T} g``, ``grad_a = -grad_b x^T``."""
+    """``x = a^{-1} b``; backward ``grad_b = a^{-T} g``, ``grad_a = -grad_b x^T``.
+
+    The forward raises on a singular matrix, a data-dependent check that ``vmap`` cannot trace, so :meth:`vmap`
+    moves the vmapped dimension in front of the (already batched) matrices and solves them all in one call.
+    """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """``(x, LU of a, pivots)``."""
         lu, pivots, info = _lu(a)
         if bool((info > 0).any()):
             raise torch.linalg.LinAlgError("linalg.solve: a matrix of the batch is singular")
-        x = _lu_solve(lu, pivots, b)
-        ctx.save_for_backward(lu, pivots, x)
-        return x
+        return _lu_solve(lu, pivots, b), lu, pivots
 
     @staticmethod
-    def backward(ctx, grad_x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, lu, pivots = output
+        ctx.save_for_backward(lu, pivots, x)
+        ctx.mark_non_differentiable(lu, pivots)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_x: Tensor, _grad_lu: Tensor, _grad_pivots: Tensor
+    ) -> tuple[Tensor, Tensor]:
         lu, pivots, x = ctx.saved_tensors
         grad_b = _lu_solve(lu, pivots, grad_x, adjoint=True)
         return -grad_b @ x.mT, grad_b
 
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, int | None], a: Tensor, b: Tensor
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+        """``torch.func.vmap``'s rule: the vmapped dimension in front (an input without one expanded), one call."""
+        a, b = (t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+                for t, dim in zip((a, b), in_dims))
+        return _SolveOneThread.apply(a, b), (0, 0, 0)
+
 
 def slogdet(a: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.slogdet(a)`` (``(sign, log|det|)`` of ``(..., n, n)``), safe on multi-threaded CPU."""
-    return _Slogdet.apply(a) if a.device.type == "cpu" else torch.linalg.slogdet(a)
+    if a.device.type != "cpu":
+        return torch.linalg.slogdet(a)
+    sign, logabs, _, _ = _Slogdet.apply(a)
+    return sign, logabs
 
 
 def solve(a: Tensor, b: Tensor) -> Tensor:
     """``torch.linalg.solve(a, b)`` for ``a (..., n, n)``, ``b (..., n, k)`` with the same batch shape, safe on
     multi-threaded CPU."""
-    return _SolveOneThread.apply(a, b) if _guarded(a) else torch.linalg.solve(a, b)
+    return _SolveOneThread.apply(a, b)[0] if _guarded(a) else torch.linalg.solve(a, b)
 
 
 def solve_ex(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

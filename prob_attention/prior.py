@@ -148,13 +148,15 @@ class EmbeddingPrior(TransformedDistribution):
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x) = sum_t log p(x_t | x_{<t})`` (eq. 11), shape ``batch``: ``-inf`` outside the support for the
         exact prior, which raises ``ValueError`` there instead while validation is on; finite everywhere with a
-        ``barrier_floor``.
+        ``barrier_floor``. An ``x`` that does not end in the event shape ``(T, d)`` raises ``ValueError`` naming both
+        shapes, validation on or off.
 
         Computed from one attention pass over ``x`` (no ``z`` is cached between calls, so the value always
         belongs to the transform's current parameters).
         """
+        self._check_event_shape(x)
         if self._validate_args:
-            self.base_dist._validate_sample(x)  # shape and finiteness; the support from the terms below
+            self.base_dist._validate_sample(x)  # batch shape and finiteness; the support from the terms below
         terms = self.position_terms(x)
         if self._validate_args and self.barrier_floor is None and bool(terms.clamped.any()):
             *element, t = (int(i) for i in terms.clamped.nonzero()[0])
@@ -165,6 +167,40 @@ class EmbeddingPrior(TransformedDistribution):
                 f"validation off; an EmbeddingPrior with a barrier_floor continues it finitely)"
             )
         return terms.log_density.sum(-1)
+
+    def _check_event_shape(self, x: Tensor) -> None:
+        """Raise ``ValueError`` naming both shapes unless ``x`` ends in the event shape ``(T, d)``, validation on or
+        off: the whole-sequence scores sum over exactly the prior's ``T`` positions."""
+        if tuple(x.shape[-2:]) != tuple(self.event_shape):
+            raise ValueError(f"x has shape {tuple(x.shape)}, but the prior's event shape is {tuple(self.event_shape)} "
+                             f"(T = {self.event_shape[0]} positions of d = {self.event_shape[1]}): give (..., "
+                             f"{self.event_shape[0]}, {self.event_shape[1]}), or score another length with "
+                             f"prior.with_length(T)")
+
+    def _check_base_matches_transform(self) -> None:
+        """Raise ``ValueError`` where the base distribution's tensors (``loc``, ``scale``, made with the prior) no
+        longer share the transform's dtype and device: the transform was converted (``.double()``, ``.to(...)``)
+        after the prior was built, and its latents would not be the transform's."""
+        base, ref = self.base_dist.base_dist.loc, self.transform.w_k
+        if (base.dtype, base.device) != (ref.dtype, ref.device):
+            raise ValueError(
+                f"the prior's base distribution (its loc and scale tensors, made when the prior was built) is "
+                f"{base.dtype} on {base.device} but its transform's parameters are {ref.dtype} on {ref.device}: the "
+                f"transform was converted after the prior was built; build the prior again from it "
+                f"(prior.with_length({self.event_shape[0]}) or EmbeddingPrior(transform, ...))"
+            )
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+        """``x = T(z)`` for ``z`` drawn from the base distribution, without gradient (:meth:`rsample`)."""
+        self._check_base_matches_transform()
+        return super().sample(sample_shape)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+        """``x = T(z)``, ``z ~ N(0, sigma^2 I)``: the regular root of each position (class docstring), differentiable in
+        ``z``, ``sigma`` and the transform's parameters; raises :class:`~prob_attention.InversionError` where none is
+        found."""
+        self._check_base_matches_transform()
+        return super().rsample(sample_shape)
 
     def barrier(self, x: Tensor) -> Tensor:
         """The margin barrier ``sum_t log det J_tt`` (eq. 11, 12), shape ``batch`` (:class:`PriorTerms`: ``-inf``
@@ -183,6 +219,7 @@ class EmbeddingPrior(TransformedDistribution):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self._check_base_matches_transform()
         z = self.base_dist.sample((num_samples,))
         return float((~self.transform.domain.check(z)).double().mean())
 

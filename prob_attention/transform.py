@@ -194,6 +194,7 @@ class CausalAttentionTransform(TransformModule):
         self.w_o = nn.Parameter(scale * torch.randn(n_heads, dim, self.value_dim)) if output_proj else None
         if logdet == "sylvester" and not self.has_sylvester:
             raise ValueError("the Sylvester log-det needs strict causality, or no value/output projections")
+        self._domain, self._codomain = self._constraints()
 
     # ----------------------------------------------------------------------------------------- weights
     @property
@@ -241,13 +242,22 @@ class CausalAttentionTransform(TransformModule):
 
     @property
     def domain(self) -> constraints.Constraint:  # type: ignore[override]
-        """The latents ``z`` ``(..., T, d)`` that ``z -> x`` maps: ``R^{T x d}``, or those whose solve succeeds."""
-        return constraints.independent(constraints.real, 2) if self.is_diffeomorphism else _SolvableLatents(self)
+        """The latents ``z`` ``(..., T, d)`` that ``z -> x`` maps: ``R^{T x d}``, or those whose solve succeeds. One
+        object per transform, as torch's and Pyro's transforms keep (``transform.inv.codomain is transform.domain``)."""
+        return self._domain
 
     @property
     def codomain(self) -> constraints.Constraint:  # type: ignore[override]
-        """The trajectories ``x`` ``(..., T, d)`` that ``z -> x`` returns: ``R^{T x d}``, or those with every ``det J_tt > 0``."""
-        return constraints.independent(constraints.real, 2) if self.is_diffeomorphism else _RegularTrajectories(self)
+        """The trajectories ``x`` ``(..., T, d)`` that ``z -> x`` returns: ``R^{T x d}``, or those with every
+        ``det J_tt > 0``. One object per transform (``transform.inv.domain is transform.codomain``)."""
+        return self._codomain
+
+    def _constraints(self) -> tuple[constraints.Constraint, constraints.Constraint]:
+        """``(domain, codomain)`` for these options (class docstring), made once at construction."""
+        if self.is_diffeomorphism:
+            everywhere = constraints.independent(constraints.real, 2)
+            return everywhere, everywhere
+        return _SolvableLatents(self), _RegularTrajectories(self)
 
     def _output_map(self) -> Tensor:
         """``W_o^h``, shape ``(H, d, d_v)``; ``I / H`` without an output projection."""

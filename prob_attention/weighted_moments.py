@@ -38,7 +38,7 @@ def weighted_cross_covariance(alpha: Tensor, a: Tensor, b: Tensor) -> Tensor:
     def flat(t: Tensor) -> Tensor:  # (*batch, r, c) -> (prod(batch), r, c); a copy only where t broadcasts
         return t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
 
-    cov = _CrossSecondMoments.apply(flat(alpha), flat(a), flat(b))
+    cov = _CrossSecondMoments.apply(flat(alpha), flat(a), flat(b))[0]
     return cov.view(*batch, *cov.shape[-3:])
 
 
@@ -59,28 +59,49 @@ class _CrossSecondMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, alpha: Tensor, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(alpha: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """``(C, [a_s b_s^T]_s, abar, bbar)``: the covariances and the intermediates the backward reads (outputs too,
+        not differentiable, so that :meth:`setup_context` can keep them: the form ``torch.func`` transforms need)."""
         n, m = a.shape[-1], b.shape[-1]
         outer = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)  # (B, S, n*m)
         abar, bbar = alpha @ a, alpha @ b  # (B, T, n), (B, T, m)
-        ctx.save_for_backward(alpha, a, b, outer, abar, bbar)
         second = (alpha @ outer).unflatten(-1, (n, m))  # (B, T, n, m)
-        return second.addcmul_(abar.unsqueeze(-1), bbar.unsqueeze(-2), value=-1.0)
+        return second.addcmul_(abar.unsqueeze(-1), bbar.unsqueeze(-2), value=-1.0), outer, abar, bbar
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: tuple[Tensor, ...]) -> None:
+        _, outer, abar, bbar = output
+        ctx.save_for_backward(*inputs, outer, abar, bbar)
+        ctx.mark_non_differentiable(outer, abar, bbar)
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, ...], alpha: Tensor, a: Tensor, b: Tensor
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """``torch.func.vmap``'s rule: the vmapped dimension folded into the batch dimension ``B``, one call."""
+        size = info.batch_size
+        flat = [(t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)).flatten(0, 1)
+                for t, dim in zip((alpha, a, b), in_dims)]
+        out = _CrossSecondMoments.apply(*flat)
+        return tuple(o.unflatten(0, (size, -1)) for o in out), (0, 0, 0, 0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor, *_intermediates: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         alpha, a, b, outer, abar, bbar = ctx.saved_tensors
         grad = grad.contiguous()  # (B, T, n, m)
         u = (grad @ bbar.unsqueeze(-1)).squeeze(-1)  # G_t bbar_t, (B, T, n)
         w = (abar.unsqueeze(-2) @ grad).squeeze(-2)  # G_t^T abar_t, (B, T, m)
         grad_alpha = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_alpha = (grad.flatten(-2) @ outer.mT).baddbmm_(u, a.mT, alpha=-1.0).baddbmm_(w, b.mT, alpha=-1.0)
+            uw, ab = torch.cat([u, w], dim=-1), torch.cat([a, b], dim=-1)  # a_s . u_t + b_s . w_t in one GEMM
+            grad_alpha = torch.baddbmm(grad.flatten(-2) @ outer.mT, uw, ab.mT, alpha=-1.0)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             p = (alpha.mT @ grad.flatten(-2)).unflatten(-1, grad.shape[-2:])  # P_s, (B, S, n, m)
-            grad_a = (p @ b.unsqueeze(-1)).squeeze(-1).baddbmm_(alpha.mT, u, alpha=-1.0)
-            grad_b = (a.unsqueeze(-2) @ p).squeeze(-2).baddbmm_(alpha.mT, w, alpha=-1.0)
+            grad_a = torch.baddbmm((p @ b.unsqueeze(-1)).squeeze(-1), alpha.mT, u, alpha=-1.0)
+            grad_b = torch.baddbmm((a.unsqueeze(-2) @ p).squeeze(-2), alpha.mT, w, alpha=-1.0)
         return grad_alpha, grad_a, grad_b
 
 

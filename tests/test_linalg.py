@@ -131,3 +131,35 @@ def test_small_slogdet_equals_torch_and_its_gradient_is_row_major() -> None:
     (grad32,) = torch.autograd.grad(linalg.slogdet(a32)[1].sum(), a32)
     assert grad32.is_contiguous()
     assert float((grad32.double() - torch.linalg.inv(a.detach()).mT).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("n", [16, linalg.THREADED_LU_MAX + 8], ids=["direct", "guarded"])
+def test_slogdet_and_solve_under_vmap_equal_the_batched_calls(two_threads, n: int) -> None:
+    """``torch.func.vmap`` over the batch (and over right-hand sides sharing one batch of matrices) gives what the
+    batched call gives."""
+    a = _matrices(n, batch=2)
+    b = torch.randn(3, 2, n, 1, dtype=a.dtype)
+    for got, want in zip(torch.func.vmap(linalg.slogdet)(a), linalg.slogdet(a)):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(torch.func.vmap(linalg.solve)(a, b[0]), linalg.solve(a, b[0]), rtol=1e-12, atol=1e-12)
+    shared = torch.func.vmap(linalg.solve, in_dims=(None, 0))(a, b)
+    torch.testing.assert_close(shared, torch.stack([linalg.solve(a, rhs) for rhs in b]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [16, linalg.THREADED_LU_MAX + 8], ids=["direct", "guarded"])
+def test_torch_func_jacobians_of_slogdet_and_solve_are_their_closed_forms(two_threads, n: int) -> None:
+    """``jacrev``: ``d log|det a_i| / d a_j = delta_ij a_i^{-T}`` and ``d (a_i^{-1} b_i) / d b_j = delta_ij a_i^{-1}``;
+    ``grad`` of ``<p, a^{-1} b>``: ``a^{-T} p`` in ``b`` and ``-(a^{-T} p) x^T`` in ``a``, in float64."""
+    a = _matrices(n, batch=2)
+    b = torch.randn(2, n, 1, dtype=a.dtype)
+    probe = torch.randn_like(b)
+    with linalg._one_thread():
+        inverse, x = torch.linalg.inv(a), torch.linalg.solve(a, b)
+    eye = torch.eye(2, dtype=a.dtype)
+    jac = torch.func.jacrev(lambda m: linalg.slogdet(m)[1])(a)  # (2, 2, n, n)
+    torch.testing.assert_close(jac, eye[:, :, None, None] * inverse.mT.unsqueeze(1), rtol=1e-10, atol=1e-10)
+    jac_b = torch.func.jacrev(linalg.solve, argnums=1)(a, b)[:, :, 0, :, :, 0]  # (2, n, 2, n)
+    torch.testing.assert_close(jac_b, eye[:, None, :, None] * inverse.unsqueeze(2), rtol=1e-10, atol=1e-10)
+    grad_a, grad_b = torch.func.grad(lambda m, r: (probe * linalg.solve(m, r)).sum(), argnums=(0, 1))(a, b)
+    torch.testing.assert_close(grad_b, inverse.mT @ probe, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_a, -(inverse.mT @ probe) @ x.mT, rtol=1e-10, atol=1e-10)

@@ -6,6 +6,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from reference import autograd_jacobian
+from torch.autograd.functional import jacobian
 
 from prob_attention import (
     CausalAttentionTransform,
@@ -199,6 +201,19 @@ def test_spectral_margin_is_one_minus_spectral_radius_of_sigma_a(float64):
     assert smin.shape == (2, 6) and (smin >= 0).all()
 
 
+@pytest.mark.parametrize("include_current", [False, True])
+def test_singular_margin_is_the_smallest_singular_value_of_the_autograd_jacobian_block(float64, include_current):
+    """``sigma_min(J_tt)`` with ``J_tt`` cut from the whole Jacobian of ``x -> z`` by autograd, SVD'd by
+    ``torch.linalg.svdvals``."""
+    torch.manual_seed(0)
+    transform = CausalAttentionTransform(4, 2, 2, value_proj=True, include_current=include_current, coupling="barrier")
+    x = torch.randn(2, 5, 4)
+    want = torch.stack([torch.stack([torch.linalg.svdvals(jac[t, :, t, :]).amin() for t in range(5)])
+                        for jac in (autograd_jacobian(transform, seq) for seq in x)])
+    torch.testing.assert_close(singular_margin(transform, x), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(singular_margin(transform, x)[:, 0], torch.ones(2))  # J_11 = I
+
+
 def test_support_tokens_are_the_positions_at_the_sequence_margin():
     margins = torch.tensor([[1.0, 0.3, 0.5, 0.3], [1.0, 0.9, 0.2, 0.25]])
     torch.testing.assert_close(sequence_margin(margins), torch.tensor([0.3, 0.2]))
@@ -289,3 +304,25 @@ def test_weighted_cross_covariance_and_its_backward_equal_the_formula_by_autogra
                         torch.autograd.grad((probe * want).sum(), (alpha, a, b))):
         torch.testing.assert_close(got, ref)
     assert torch.autograd.gradcheck(weighted_cross_covariance, (alpha, a, b))
+
+
+def test_weighted_cross_covariance_under_torch_func_equals_the_formula_by_autograd(float64):
+    """``torch.func.jacrev`` through the closed-form backward gives autograd's Jacobian of the formula in ``alpha``,
+    ``a`` and ``b``, and ``torch.func.vmap`` over a leading dimension gives the batched call."""
+    torch.manual_seed(1)
+    alpha = torch.softmax(torch.randn(2, 3, 4), -1)
+    a, b = torch.randn(2, 4, 3) + 4.0, torch.randn(2, 4, 2)
+    got = torch.func.jacrev(weighted_cross_covariance, argnums=(0, 1, 2))(alpha, a, b)
+    for g, want in zip(got, jacobian(_cross_covariance_by_autograd, (alpha, a, b))):
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(weighted_cross_covariance)(alpha, a, b),
+                               weighted_cross_covariance(alpha, a, b), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_func_grad_of_log_prob_equals_autograd(float64):
+    """The log-determinant's custom backward under ``torch.func.grad``: the gradient of eq. 11 in ``x``."""
+    torch.manual_seed(2)
+    prior = EmbeddingPrior(CausalAttentionTransform(4, 2, 2, coupling="repulsive"), seq_len=5, sigma=0.8)
+    x = torch.randn(5, 4, requires_grad=True)
+    (want,) = torch.autograd.grad(prior.log_prob(x), x)
+    torch.testing.assert_close(torch.func.grad(prior.log_prob)(x.detach()), want, rtol=1e-10, atol=1e-12)

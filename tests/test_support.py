@@ -157,6 +157,14 @@ def test_lost_mass_counts_the_latents_outside_the_range_of_the_scalar_map(float6
     assert lost > 0.1
 
 
+def test_the_current_position_loses_prior_mass_at_the_default_initialisation():
+    """One head, ``d = 3``, ``T = 2``, seed 0 (README's guarantee table): about a fifth of the latents have no
+    regular preimage."""
+    torch.manual_seed(0)
+    prior = EmbeddingPrior(CausalAttentionTransform(3, include_current=True), seq_len=2)
+    assert prior.lost_mass(100) > 0
+
+
 def test_the_sampler_of_the_folding_prior_loses_no_mass(float64):
     """Strict causality: x_t -> z_t is proper of degree one, so every z_t has a regular preimage (almost surely)."""
     assert folding_prior().lost_mass(50) == 0.0
@@ -187,6 +195,18 @@ def test_bijective_domain_and_codomain_follow_the_option_mix(float64, mix):
         assert solvable.any()
         torch.testing.assert_close(transform.inv(transform(z[solvable])), z[solvable])
     assert transform.domain.event_dim == transform.codomain.event_dim == 2
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: f"H{m[0][0]}-v{int(m[1])}o{int(m[2])}c{int(m[3])}-{m[4]}")
+def test_domain_and_codomain_are_one_object_each_that_the_inverse_swaps(mix):
+    """As torch's and Pyro's transforms: the same constraint on every access, ``T.inv.domain is T.codomain`` and
+    ``T.inv.codomain is T.domain``, and the exact prior's support is the codomain itself."""
+    (heads, head_dim), value_proj, output_proj, include_current, coupling = mix
+    transform = CausalAttentionTransform(3, heads, head_dim, value_proj=value_proj, output_proj=output_proj,
+                                         include_current=include_current, coupling=coupling)
+    assert transform.domain is transform.domain and transform.codomain is transform.codomain
+    assert transform.inv.domain is transform.codomain and transform.inv.codomain is transform.domain
+    assert EmbeddingPrior(transform, 4).support is transform.codomain
 
 
 def test_an_autoguide_refuses_the_support_of_a_folding_prior_and_fits_the_floored_one(float64):
@@ -254,6 +274,37 @@ def test_an_input_of_another_dtype_is_a_clear_error(float64):
     transform = CausalAttentionTransform(3)
     with pytest.raises(ValueError, match="float32 but the transform's parameters are torch.float64"):
         transform.inv(torch.randn(2, 4, 3, dtype=torch.float32))
+
+
+@pytest.fixture(params=["on", "off by argument", "off globally"])
+def validation(request):
+    """Distribution validation on (the default), off for one prior (``validate_args=False``), or off for all
+    (``pyro.enable_validation(False)``, restored after); the value is the prior's ``validate_args``."""
+    before = torch.distributions.Distribution._validate_args
+    pyro.enable_validation(request.param != "off globally")
+    yield False if request.param == "off by argument" else None
+    pyro.enable_validation(before)
+
+
+@pytest.mark.parametrize("t_len", [3, 5])
+def test_log_prob_of_a_sequence_of_another_length_raises_naming_both_shapes(validation, t_len):
+    prior = EmbeddingPrior(CausalAttentionTransform(3, coupling="repulsive"), seq_len=4, validate_args=validation)
+    with pytest.raises(ValueError, match=rf"x has shape \(2, {t_len}, 3\), but the prior's event shape is \(4, 3\)"):
+        prior.log_prob(torch.randn(2, t_len, 3))
+    assert torch.isfinite(prior.log_prob(torch.randn(2, 4, 3))).all()  # the diffeomorphism: finite at the right length
+
+
+def test_a_prior_whose_transform_was_converted_after_it_was_built_names_its_base_tensors():
+    """``EmbeddingPrior(transform, ...)`` then ``transform.double()``: the latents the base draws are float32, and the
+    message says that they come from the prior's own loc and scale, not from the user's embeddings."""
+    prior = EmbeddingPrior(CausalAttentionTransform(3, coupling="repulsive"), seq_len=4)
+    prior.transform.double()
+    for draw in (prior.sample, prior.rsample, lambda: prior.lost_mass(2)):
+        with pytest.raises(ValueError, match=r"the prior's base distribution \(its loc and scale tensors, made when "
+                                             r"the prior was built\) is torch.float32 on cpu but its transform's "
+                                             r"parameters are torch.float64 on cpu"):
+            draw()
+    assert prior.with_length(4).sample((2,)).dtype == torch.float64
 
 
 def test_more_heads_than_dimensions_without_a_head_dim_says_why():

@@ -24,6 +24,18 @@ def make(heads, value_proj, output_proj, include_current, coupling, logdet="auto
     )
 
 
+def sylvester_refused(opt, logdet):
+    """The one documented invalid mix: the Sylvester log-det with the current position included and a value or output
+    projection (no ``r x r`` form there)."""
+    _, value_proj, output_proj, include_current, _ = opt
+    return logdet == "sylvester" and include_current and (value_proj or output_proj)
+
+
+def logdets(opt):
+    """The log-det methods that ``opt`` accepts, of ``"full"`` and ``"sylvester"``."""
+    return [logdet for logdet in ["full", "sylvester"] if not sylvester_refused(opt, logdet)]
+
+
 def option_id(opt):
     (h, dk), vp, op, ic, c = opt
     return f"H{h}dk{dk}-{'v' if vp else ''}{'o' if op else ''}-{'incl' if ic else 'strict'}-{c}"
@@ -32,12 +44,8 @@ def option_id(opt):
 @pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
 def test_log_abs_det_jacobian_equals_minus_autograd_log_det(float64, opt):
     torch.manual_seed(0)
-    for logdet in ["full", "sylvester"]:
-        try:
-            transform = make(*opt, logdet=logdet)
-        except ValueError:
-            assert logdet == "sylvester" and opt[3] and (opt[1] or opt[2])  # documented: no Sylvester there
-            continue
+    for logdet in logdets(opt):
+        transform = make(*opt, logdet=logdet)
         x = 0.5 * torch.randn(2, 2, 4, D)  # batch shape (2, 2); moderate scale keeps alpha_tt < 1 in float
         ladj = transform.log_abs_det_jacobian(transform.inv(x), x)
         assert ladj.shape == (2, 2)
@@ -50,11 +58,8 @@ def test_log_det_gradients_equal_autograd_through_the_jacobian(float64, opt):
     ``sum_t log|det J_tt|``, with ``J_tt`` cut from the whole Jacobian of ``x -> z``: in ``x`` and in every weight.
     (The other couplings only tie ``W_q`` to ``W_k``, upstream of both.)"""
     torch.manual_seed(5)
-    for logdet in ["full", "sylvester"]:
-        try:
-            transform = make(*opt, logdet=logdet)
-        except ValueError:
-            continue
+    for logdet in logdets(opt):
+        transform = make(*opt, logdet=logdet)
         x = (0.5 * torch.randn(1, 4, D)).requires_grad_()
         wrt = [x, *transform.parameters()]
         got = torch.autograd.grad(transform.log_abs_det_blocks(x)[0].sum(), wrt)
@@ -81,17 +86,37 @@ def test_jacobian_is_block_lower_triangular_with_closed_form_diagonal(float64, o
 @pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
 def test_newton_step_is_the_inverse_jacobian_block_times_the_residual(float64, opt):
     torch.manual_seed(4)
-    for logdet in ["full", "sylvester"]:  # the dense d x d solve, and Woodbury's r x r one where it applies
-        try:
-            transform = make(*opt, logdet=logdet)
-        except ValueError:
-            continue
+    for logdet in logdets(opt):  # the dense d x d solve, and Woodbury's r x r one where it applies
+        transform = make(*opt, logdet=logdet)
         x, res = torch.randn(3, 4, D), torch.randn(3, D)
         state = transform.attend(x, start=3)
         jac = torch.stack([autograd_jacobian(transform, x[n])[3, :, 3, :] for n in range(3)])
         step, singular = transform._newton_step(state, res)
         assert not singular.any()
         torch.testing.assert_close(jac @ step.unsqueeze(-1), res.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
+def test_only_the_documented_mix_refuses_a_logdet_method(opt):
+    """The loops above skip exactly these: every other option mix builds with every method."""
+    for logdet in ["auto", "full", "sylvester"]:
+        if sylvester_refused(opt, logdet):
+            with pytest.raises(ValueError, match="the Sylvester log-det needs strict causality"):
+                make(*opt, logdet=logdet)
+        else:
+            make(*opt, logdet=logdet)
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=option_id)
+def test_torch_func_jacrev_of_both_directions_equals_the_autograd_jacobian(float64, opt):
+    """``torch.func.jacrev`` runs through the custom autograd Functions of ``z -> x`` (the solver, then the implicit
+    step that carries the gradient) and of ``x -> z``, and gives ``torch.autograd``'s Jacobians."""
+    torch.manual_seed(7)
+    transform = make(*opt, init_scale=0.3 / D**0.5)
+    x = 0.5 * torch.randn(2, 4, D)
+    z = transform.inv(x)
+    torch.testing.assert_close(torch.func.jacrev(transform)(z), jacobian(transform, z), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacrev(transform.inv)(x), jacobian(transform.inv, x), rtol=1e-10, atol=1e-12)
 
 
 def test_auto_picks_sylvester_only_when_it_is_smaller():
