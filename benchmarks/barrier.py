@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -70,7 +72,8 @@ def device_slug(device: torch.device) -> str:
 
 
 def run_metadata(device: torch.device, prog: str, argv: Sequence[str]) -> dict[str, Any]:
-    """What a result file records about the machine and the command (``prog`` and its ``argv``) that made it."""
+    """What a result file records about the machine and the command (``prog`` and its ``argv``) that made it,
+    with the machine's 1, 5 and 15 minute load averages at the start (where the OS reports them)."""
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -78,8 +81,9 @@ def run_metadata(device: torch.device, prog: str, argv: Sequence[str]) -> dict[s
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "command": " ".join([prog, *argv]),
+        "command": f"{prog} {shlex.join(argv)}".rstrip(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -9,13 +9,19 @@ timing (data loading is not part of the step). The two runs alternate step by st
 that both see the same machine load; each has its own Pyro parameter store contents (the store is cleared
 between steps, untimed, and ``pyro.module`` re-registers the network's own tensors).
 
-Columns: ``median``/``min``/``iqr`` step time in seconds over ``--steps`` timed steps (after ``--warmup``),
+Columns: ``median``/``min``/``iqr`` step time in seconds over ``--steps`` timed steps (after ``--warmup``), by
+``--clock``: ``wall`` (elapsed) or ``cpu`` (the process's CPU time, CPU device only: other processes on a shared
+machine do not inflate it; with ``--threads 1`` the time of one core),
 ``tokens/s`` = batch x T / median, ``peak mem`` = peak bytes allocated during one extra step (see
 :func:`benchmarks.barrier.peak_memory` for what is counted on CPU), ``ratio`` = median(on) / median(off).
 
 Example (seconds)::
 
     python -m benchmarks.train_step --preset tiny --steps 5
+
+The step-ratio figures of the README (one thread, CPU time, default preset; about a minute)::
+
+    python -m benchmarks.train_step --threads 1 --clock cpu --out results/bench/train_step-cpu-1thread-cputime.json
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from inference.map import MAPTrainer, RunConfig, StepStats, with_overrides
 from prob_attention.corpus import load_corpus
 
 from .barrier import (
+    CLOCKS,
     _iqr,
     _median,
     device_slug,
@@ -83,14 +90,15 @@ def make_batches(runner: StepRunner, n: int, seed: int) -> list[tuple[Tensor, Te
     return [runner.trainer.batch(gen) for _ in range(n)]
 
 
-def timed_step(runner: StepRunner, batch: tuple[Tensor, Tensor]) -> float:
-    """Seconds of one step; the parameter store is cleared before the clock starts."""
+def timed_step(runner: StepRunner, batch: tuple[Tensor, Tensor],
+               clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one step by ``clock``; the parameter store is cleared before the clock starts."""
     pyro.clear_param_store()
     synchronize(runner.device)
-    start = time.perf_counter()
+    start = clock()
     runner.step(*batch, clear=False)
     synchronize(runner.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def profile_step(runner: StepRunner, batch: tuple[Tensor, Tensor], rows: int) -> tuple[str, dict[str, float]]:
@@ -129,6 +137,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", default="bundled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (CPU device only), which other processes on "
+                        "a shared machine do not inflate: with --threads 1, the time of one core")
+    p.add_argument("--note", default=None, help="a remark stored in the JSON's meta, e.g. what else ran on the machine")
     p.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="print a torch.profiler table (ROWS rows) of one step of each run")
@@ -145,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu times the CPU device only")
     out_path = args.out or Path("results") / "bench" / f"train_step-{device_slug(device)}.json"
     train = {"device": device.type, "amp": args.amp, "seed": args.seed, "corpus": args.corpus}
     if args.batch_size:
@@ -158,9 +172,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokens = batches[0][0].numel()
     meta = run_metadata(device, "python -m benchmarks.train_step", argv)
     meta["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.note:
+        meta["note"] = args.note
     print(f"train-step benchmark on {meta['device_name']} ({device}), torch {meta['torch']}, {meta['threads']} threads; "
           f"preset {args.preset}: batch {tuple(batches[0][0].shape)}, {tokens} tokens/step, "
-          f"amp {first.trainer.amp}, compile {args.compile}")
+          f"amp {first.trainer.amp}, compile {args.compile}, {args.clock} clock"
+          + (f"; note: {args.note}" if args.note else ""))
 
     for i in range(args.warmup):
         for runner in runners.values():
@@ -170,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     order = list(runners)
     for i in range(args.steps):
         for lm in (order if i % 2 == 0 else order[::-1]):  # A B, B A, ...: the same load for both
-            times[lm].append(timed_step(runners[lm], batches[args.warmup + i]))
+            times[lm].append(timed_step(runners[lm], batches[args.warmup + i], CLOCKS[args.clock]))
     mems = {lm: (None if args.no_memory else peak_memory(lambda r=r: r.step(*batches[-1]), device))
             for lm, r in runners.items()}
 
@@ -185,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{r['lambda_m']:>9g} {r['median_s'] * 1e3:8.1f}ms {r['min_s'] * 1e3:8.1f}ms {r['iqr_s'] * 1e3:7.1f}ms "
               f"{r['steps']:>5} {r['tokens_per_s']:>10.0f} {format_bytes(r['peak_mem_bytes']):>9}")
     verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
-    print(f"ratio (prior on / off, median step time): {ratio:.3f}  target <= {TARGET_RATIO} on {device.type}  [{verdict}]")
+    print(f"ratio (prior on / off, median {args.clock} step time): {ratio:.3f}  target <= {TARGET_RATIO}  [{verdict}]")
 
     profiles: dict[str, Any] = {}
     if args.profile:

@@ -1,17 +1,25 @@
-"""The benchmark scripts run end to end on a tiny grid and write the JSON their README describes.
+"""The benchmark scripts run end to end on a tiny grid and write the JSON their README describes; the results page
+judges them against the scripts' targets; the GPU check refuses to run without a GPU.
 
 No timing is asserted: only that each ``main()`` finishes, prints, and writes valid JSON with the expected keys.
 """
 
 import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is a folder of the repo, not installed
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `benchmarks` is a folder of the repo, not installed
 
-from benchmarks import barrier, train_step
+from benchmarks import barrier, full_run, train_step
+from experiments.results_page import bench_section
+from inference.map import MAPTrainer, RunConfig
+from prob_attention.corpus import CharCorpus, bundled_articles
 
 ROW_KEYS = {"d", "T", "d_k", "heads", "mode", "method", "batch", "status", "folded_frac"}
 OK_KEYS = {"median_s", "min_s", "iqr_s", "repeats", "peak_mem_bytes", "rel_err", "max_abs_err", "grad_rel_err",
@@ -67,3 +75,64 @@ def test_train_step_main_writes_json(tmp_path, capsys):
     assert {"0.0", "0.1", "added_by_prior_us"} <= set(data["profiles"])
     assert data["ratio"] == pytest.approx(data["rows"][1]["median_s"] / data["rows"][0]["median_s"])
     assert "ratio" in capsys.readouterr().out
+
+
+def test_train_step_cpu_clock_records_its_clock_and_note_in_a_command_that_reruns(tmp_path):
+    note = "beside two other jobs"
+    result = train_step.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu", "--clock", "cpu",
+                              "--no-memory", "--note", note, "--out", str(tmp_path / "step.json")])
+    meta = result["meta"]
+    assert meta["args"]["clock"] == "cpu" and meta["note"] == note
+    assert shlex.split(meta["command"])[-3] == note  # the note stays one argument
+    assert all(r["median_s"] > 0 for r in result["rows"])
+
+
+def test_the_results_page_judges_the_step_ratio_against_the_benchmarks_one_target(tmp_path):
+    result = train_step.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu", "--no-memory",
+                              "--out", str(tmp_path / "train_step-cpu-1thread-cputime.json")])
+    assert result["target_ratio"] == train_step.TARGET_RATIO
+    for ratio, verdict in ((train_step.TARGET_RATIO, "**met**"), (train_step.TARGET_RATIO + 0.01, "**missed**")):
+        (tmp_path / "train_step-cpu-1thread-cputime.json").write_text(json.dumps({**result, "ratio": ratio,
+                                                                                 "target_ok": None}))
+        page = "\n".join(bench_section(tmp_path))
+        assert f"target <= {train_step.TARGET_RATIO:g}: {verdict}" in page
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished two-epoch run of the tiny preset on a slice of the bundled corpus."""
+    articles = bundled_articles()
+    corpus = CharCorpus("slice", "".join(articles[:2])[:20_000], articles[3][:2_000], articles[4][:2_000])
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    MAPTrainer(RunConfig.preset("tiny", train={"lambda_m": 0.02}), run_dir, corpus, progress=False,
+               log=lambda _: None).fit()
+    return run_dir
+
+
+def test_full_run_summarises_a_finished_run_beside_its_reference(tiny_run, tmp_path):
+    out = tmp_path / "summary.json"
+    result = full_run.main(["--run-dir", str(tiny_run), "--command", "prob-attention train --preset tiny",
+                            "--exit-status", "0", "--wall-seconds", "3", "--reference", str(tiny_run), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    run = result["run"]
+    assert run["completed"] and run["epochs_done"] == run["epochs"] == 2 and len(run["seconds_per_epoch"]) == 2
+    assert set(run["final"]) == set(full_run.SCORES)
+    assert run["reference"]["final"] == run["final"]
+
+
+def test_full_run_marks_a_run_stopped_by_its_time_limit_as_not_completed(tiny_run, tmp_path, capsys):
+    stopped = full_run.summarise(tiny_run, "prob-attention train", exit_status=124, wall_seconds=9.0)
+    assert not stopped["completed"] and stopped["epochs_done"] == 2
+    result = full_run.main(["--run-dir", str(tmp_path), "--command", "prob-attention train", "--exit-status", "124",
+                            "--wall-seconds", "9", "--out", str(tmp_path / "summary.json")])
+    assert result["run"]["epochs_done"] == 0 and not result["run"]["completed"] and result["run"]["final"] == {}
+    assert "none finished" in capsys.readouterr().out
+
+
+def test_gpu_check_is_valid_bash_and_refuses_to_run_without_cuda(tmp_path):
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run")
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA device" in done.stderr and "nothing was run" in done.stderr
