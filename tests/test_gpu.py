@@ -14,9 +14,10 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from resume_check import assert_same_run, straight_and_resumed
+from tiny_models import random_model
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tiny_models import random_model
 
 from inference.map import MAPTrainer, RunConfig, StepStats, build_net
 from inference.smc import TrajectorySMC
@@ -142,33 +143,9 @@ def test_a_map_step_under_bf16_autocast_on_cuda_is_finite_and_matches_float32(cu
 def test_the_tiny_preset_resumes_on_cuda_bit_identically(deterministic: None, corpus: CharCorpus, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     config = RunConfig.preset("tiny", train={"device": "cuda", "lambda_m": 0.05, "epochs": 3})
-    straight = MAPTrainer(config, tmp_path / "straight", corpus, progress=False, log=lambda _: None)
-    straight.fit()
-
-    interrupted = MAPTrainer(config, tmp_path / "resumed", corpus, progress=False, log=lambda _: None)
-    real_epoch = MAPTrainer._train_epoch
-    calls = {"n": 0}
-
-    def crash_in_second_epoch(self, *args):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, *args)
-
-    monkeypatch.setattr(MAPTrainer, "_train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    monkeypatch.setattr(MAPTrainer, "_train_epoch", real_epoch)
-
-    logged: list[str] = []
-    resumed = MAPTrainer(config, tmp_path / "resumed", corpus, progress=False, log=logged.append)
-    history = resumed.fit(resume=True)
+    straight, resumed, history, logged = straight_and_resumed(config, corpus, tmp_path, monkeypatch)
     assert resumed.device.type == "cuda" and resumed.amp
-    assert any("1 of 3 epochs done" in line for line in logged)
-    assert [r["epoch"] for r in history] == [1, 2, 3]
-    for key, value in straight.net.state_dict().items():
-        assert torch.equal(value, resumed.net.state_dict()[key]), key
-    assert history[-1]["val_bpc"] == straight.history[-1]["val_bpc"]
+    assert_same_run(straight, resumed, history, logged)
 
 
 def filter_probs(model: TrajectoryModel, text: Tensor, seed: int) -> tuple[Tensor, TrajectorySMC]:

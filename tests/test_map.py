@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
+from resume_check import assert_same_run, straight_and_resumed
 
 from experiments.cli import main as cli_main
 from inference.checkpoint import CheckpointCorruptError, CheckpointMismatchError
@@ -104,33 +105,7 @@ def _weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(corpus: CharCorpus, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny(lambda_m=0.05, epochs=3)
-    straight = MAPTrainer(config, tmp_path / "straight", corpus, progress=False, log=lambda _: None)
-    straight.fit()
-
-    interrupted = MAPTrainer(config, tmp_path / "resumed", corpus, progress=False, log=lambda _: None)
-    real_epoch = MAPTrainer._train_epoch
-    calls = {"n": 0}
-
-    def crash_in_second_epoch(self, *args):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, *args)
-
-    monkeypatch.setattr(MAPTrainer, "_train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    monkeypatch.setattr(MAPTrainer, "_train_epoch", real_epoch)
-
-    logged: list[str] = []
-    resumed = MAPTrainer(config, tmp_path / "resumed", corpus, progress=False, log=logged.append)
-    history = resumed.fit(resume=True)
-    assert any("1 of 3 epochs done" in line for line in logged)
-    assert [r["epoch"] for r in history] == [1, 2, 3]
-    for key, value in _weights(straight.net).items():
-        assert torch.equal(value, resumed.net.state_dict()[key]), key
-    assert history[-1]["val_bpc"] == straight.history[-1]["val_bpc"]
+    assert_same_run(*straight_and_resumed(tiny(lambda_m=0.05, epochs=3), corpus, tmp_path, monkeypatch))
 
 
 def test_checkpoint_round_trip_and_mismatch(corpus: CharCorpus, tmp_path: Path) -> None:
