@@ -10,13 +10,13 @@ percentile interval of the draws.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Interval", "paired_bootstrap", "mean_difference", "verdict"]
+__all__ = ["Interval", "compare_levels", "mean_difference", "paired_bootstrap", "verdict"]
 
 Statistic = Callable[[Mapping[str, np.ndarray]], float]
 
@@ -72,3 +72,33 @@ def verdict(interval: Interval) -> Literal["better", "worse", "not distinguishab
     if interval.low > 0.0:
         return "worse"
     return "not distinguishable"
+
+
+def compare_levels(method: Callable[[str], np.ndarray], reference: Callable[[str], np.ndarray], labels: Sequence[str],
+                   draws: int, seed: int, degradation: bool = True) -> dict[str, Any]:
+    """A method against a reference at every level in ``labels`` (the first, ``"clean"``, gives the clean cost):
+    ``method(label)`` and ``reference(label)`` are the per-window BPC ``(seeds, windows)`` of the two, paired by
+    row and column. Per level: the difference in mean BPC with its interval and verdict and, with
+    ``degradation`` (all levels scored on the same windows), the difference in relative degradation from clean
+    (percentage points)."""
+
+    def interval(statistic: Statistic, **arrays: np.ndarray) -> Interval:
+        return paired_bootstrap(arrays, statistic, draws=draws, seed=seed)
+
+    clean = {"method": method(labels[0]), "reference": reference(labels[0])}
+    result: dict[str, Any] = {
+        "clean_cost_percent": interval(
+            lambda a: 100 * (a["method"].mean() / a["reference"].mean() - 1), **clean).to_dict(),
+        "levels": {},
+    }
+    for label in labels[1:]:
+        noisy = {"method": method(label), "reference": reference(label)}
+        bpc = interval(mean_difference, **noisy)
+        level: dict[str, Any] = {"bpc_difference": bpc.to_dict(), "bpc_verdict": verdict(bpc)}
+        if degradation:
+            change = interval(
+                lambda a: 100 * (a["m"].mean() / a["mc"].mean() - a["r"].mean() / a["rc"].mean()),
+                m=noisy["method"], mc=clean["method"], r=noisy["reference"], rc=clean["reference"])
+            level |= {"degradation_difference_points": change.to_dict(), "degradation_verdict": verdict(change)}
+        result["levels"][label] = level
+    return result

@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from inference.checkpoint import write_text_atomic
 
-__all__ = ["provenance", "markdown_table", "write_json", "write_markdown", "fmt"]
+__all__ = ["SEAL", "fmt", "markdown_table", "provenance", "read_sealed_json", "write_json", "write_markdown",
+           "write_sealed_json"]
 
 
 def _commit() -> str:
@@ -63,6 +65,40 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
 
 def write_json(path: Path, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+SEAL = "content_sha256"
+"""The field of a sealed JSON record that holds the SHA-256 of the rest of it."""
+
+
+def _seal(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_sealed_json(path: Path, record: dict[str, Any]) -> Path:
+    """:func:`write_json` of ``record`` with its own hash added under :data:`SEAL`, so that
+    :func:`read_sealed_json` can tell it from a copy edited by hand or cut short."""
+    return write_json(path, {**record, SEAL: _seal(record)})
+
+
+def read_sealed_json(path: Path, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The record :func:`write_sealed_json` wrote at ``path``; ``None`` (saying why through ``log``, naming the
+    file) when there is none, it is not complete JSON, it carries no seal, or its contents no longer match it."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log(f"{path} is not complete JSON (truncated?); recomputing it")
+        return None
+    if not isinstance(record, dict) or SEAL not in record:
+        log(f"{path} carries no content hash; recomputing it")
+        return None
+    if record[SEAL] != _seal(record):
+        log(f"{path} does not match its content hash (changed after it was written); recomputing it")
+        return None
+    return record
 
 
 def write_markdown(path: Path, title: str, sections: Sequence[str], meta: dict[str, Any]) -> Path:

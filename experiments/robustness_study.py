@@ -28,6 +28,15 @@ and character substitutions, all paired across models. Each arm is compared with
 bootstrap over seeds and windows (:mod:`experiments.intervals`); an arm with fewer than three finished
 seeds is a screen, listed apart from the final table with point estimates and no verdict.
 
+Robustness scored as the BPC of perturbed text rewards a less confident model, and CE-only is overconfident.
+So every model is also scored with its confidence controlled (:mod:`experiments.calibrated_scores`): at a
+temperature fitted on clean validation text, and CE-only also at the temperature that matches each arm's clean
+validation BPC, on the test split's conditions, two text shifts no setting was tuned on (case flips and
+deletions) and an out-of-domain English text (:mod:`experiments.out_of_domain`). Each arm is compared with
+CE-only calibrated, at matched temperature and raw (:mod:`experiments.calibrated_comparisons`), and the
+recommendation (the ``calibrated`` part of ``summary.json``) names, per family, the setting that beats a
+temperature there, or says that none does. Label smoothing is the trained confidence peer.
+
 The study resumes: training checkpoints every epoch, finished runs are reused (also committed runs under
 ``--reuse`` whose configuration matches exactly), and each model's scores are cached beside the results.
 Run it once per arm and seed to spread the work (``--arms``, ``--seeds``), two processes at a time on two
@@ -43,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,12 +65,23 @@ from inference.checkpoint import find_checkpoint
 from inference.map import CHECKPOINT_DIR, PRESETS, RunConfig, TrainedModel, device_name, load_trained
 from prob_attention.corpus import window_batches
 
+from .calibrated_comparisons import (
+    calibration_table,
+    compare_calibrated,
+    model_calibration,
+    plot_calibrated,
+    recommendation,
+    recommendation_table,
+    verdict_table,
+)
+from .calibrated_scores import score_calibrated
 from .evaluation import NOISE_SEED, embedding_rms
 from .flags import add_device_flag, add_out_flag, add_progress_flag, add_seed_flag, nonnegative_int, positive_int
-from .intervals import Interval, mean_difference, paired_bootstrap, verdict
+from .intervals import compare_levels
+from .out_of_domain import OUT_OF_DOMAIN
 from .perturbations import Perturbation, logit_jacobian_norm, window_bpc
 from .plots import save
-from .report import markdown_table, provenance, write_json, write_markdown
+from .report import markdown_table, provenance, read_sealed_json, write_json, write_markdown, write_sealed_json
 from .runs import Stopwatch, ensure_trained, find_finished_run, is_finished, resolve_device, split_windows
 
 HELP = "robustness of the margin barrier against CE-only and peers, with seeds, controls and paired intervals"
@@ -89,6 +108,16 @@ class Arm:
     screened_on: tuple[int, ...] | None = None
     """For a screen, kept out of the final table on purpose: the only seeds the study trains and expects of it.
     ``None`` for an arm of the final table, which needs every seed the study is run with."""
+
+    def train_flags(self) -> str:
+        """The ``prob-attention train`` flags that make this arm's run from the default one."""
+        flags = []
+        for section in ("prior", "train"):
+            for name, value in self.overrides.get(section, {}).items():
+                flag = "--" + ("prior-" if section == "prior" else "") + name.replace("_", "-")
+                flags.append(flag if value is True else f"{flag} {value:g}" if isinstance(value, float)
+                             else f"{flag} {value}")
+        return " ".join(flags)
 
     def config(self, seed: int, preset: str = "default", epochs: int | None = None) -> RunConfig:
         """The run of this arm with ``seed``: the preset (the default 20-epoch run) with the arm's overrides."""
@@ -130,8 +159,6 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
         matched_to="margin-positive-full-lambda0.05"),
     Arm("label-smoothing-0.05", "label smoothing", 0.05, {"train": {"label_smoothing": 0.05}},
         matched_to="margin-positive-full-lambda0.05"),
-    Arm("label-smoothing-0.02", "label smoothing", 0.02, {"train": {"label_smoothing": 0.02}},
-        matched_to="margin-free-lambda0.02", screened_on=(0,)),
 ]}
 """The arms, by name. The peers' strengths are tuned on validation to a margin arm's clean cost: noise
 injection costs +1.2% at 0.02 against lambda_m = 0.05's +2.0%; growing as sigma^2 it would cost +2.6% at 0.03,
@@ -154,7 +181,11 @@ first tries at the two. 6e-5 stayed within 0.5% of 1e-5's validation BPC from ep
 against CE-only's seed 0), well below lambda_m = 0.05's +2.0%; 1e-4 cost +4.4%, 0.7% above the full density,
 and 1.5e-4, above 1e-4 throughout its first 8 epochs, was stopped there. 6e-5 is kept against lambda_m = 0.05 (a
 cheaper peer has to win at less clean BPC, which only strengthens a win) and 1e-4 against the full density (the
-study reports whether each matches)."""
+study reports whether each matches).
+Label smoothing is the confidence peer: its optimum mixes ``epsilon`` of the uniform distribution into the model's
+prediction, which costs at most ``-log2(1 - epsilon)`` bits per character, 0.074 at 0.05, 3.8% of CE-only's 1.93
+test BPC, and less as it also corrects CE-only's overconfidence; 0.05 is the first try at the full density's
++3.3% (the study reports whether it matches)."""
 
 HEAD_TO_HEAD: tuple[tuple[str, str], ...] = (
     ("jacobian-1e-05", "noise-0.02"),
@@ -164,13 +195,18 @@ HEAD_TO_HEAD: tuple[tuple[str, str], ...] = (
     ("jacobian-1e-04", "jacobian-6e-05"),
     ("margin-layernorm-lambda0.05", "noise-0.03"),
     ("margin-layernorm-lambda0.05", "margin-positive-full-lambda0.05"),
+    ("margin-positive-full-lambda0.05", "margin-positive-full-norm0.001-lambda0.05"),
+    ("margin-positive-full-lambda0.05", "label-smoothing-0.05"),
+    ("jacobian-6e-05", "label-smoothing-0.05"),
 )
 """The settings a user would choose between, compared directly (first against second): the Jacobian penalty
 against noise injection at about the same clean cost or more (1e-5 costs +0.1% against 0.02's +1.2%; 6e-5 +0.8%
 against 0.03's +1.9%, on test against CE-only), the stronger penalties against the weaker ones, and 6e-5
 against the full prior density, the best of our settings under typos; and the scale-free barrier, our costliest
 setting, against noise injection and the full density, both cheaper (noise injection at 0.03 is at the free
-barrier's clean cost at the same lambda_m)."""
+barrier's clean cost at the same lambda_m). With confidence controlled: the full density against its ablation
+(does the barrier add anything on top of the Gaussian residual?) and against label smoothing, the confidence
+peer at its clean cost, and the Jacobian penalty against label smoothing."""
 
 PERTURBATIONS: tuple[Perturbation, ...] = (
     *(Perturbation("noise", s) for s in (0.01, 0.02, 0.03, 0.04)),
@@ -179,6 +215,26 @@ PERTURBATIONS: tuple[Perturbation, ...] = (
 )
 """The perturbation levels: the absolute grid of ``noise-robustness`` (largest 0.04, about half the CE-only
 embeddings' RMS), the same as fractions of each model's RMS, and 2, 5 and 10% typos."""
+
+TEXT_SHIFTS: tuple[Perturbation, ...] = tuple(Perturbation(kind, r) for kind in ("case", "deletion")
+                                              for r in (0.02, 0.05, 0.10))
+"""Text corruptions that no setting was tuned on, scored only with the confidence controls: 2, 5 and 10% of the
+letters with their case flipped, and of the characters deleted."""
+
+TEXT_SHIFTS_AND_PERTURBATIONS: tuple[Perturbation, ...] = (*PERTURBATIONS, *TEXT_SHIFTS)
+
+CALIBRATED_STRIDE = 2
+"""The calibrated scores take every second window of each test condition and of the out-of-domain text (945 and
+385 windows a model, against 1890 and 769): one draw at up to 17 temperatures for 19 conditions fits the study's
+CPU budget that way, and each comparison still pairs hundreds of windows over three seeds."""
+
+CALIBRATED_CONDITIONS: tuple[str, ...] = ("clean", *(p.label for p in TEXT_SHIFTS_AND_PERTURBATIONS), OUT_OF_DOMAIN)
+"""The test conditions of the calibrated scores, and the out-of-domain text."""
+
+FAMILIES: dict[str, str] = {"noise": "embedding noise", "relative_noise": "RMS-relative embedding noise",
+                            "substitution": "typos", "case": "case flips", "deletion": "deletions",
+                            OUT_OF_DOMAIN: "out-of-domain text (The Tempest)"}
+"""Each perturbation family (and the out-of-domain text) as a reader would name it."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -294,30 +350,41 @@ def weights_digest(run_dir: Path) -> str:
 
 
 def cached_scores(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`score_model`, cached under ``<out>/scores/``: reused for the same weights and scoring settings
-    (a cache without a digest: for the same run folder), recomputed otherwise. A cache written before the
-    logits' Jacobian norm was measured gets it added (seconds, against minutes for the whole scoring)."""
+    """:func:`score_model`, cached under ``<out>/scores/`` as a sealed record
+    (:func:`~experiments.report.write_sealed_json`): reused for the same weights and scoring settings,
+    recomputed (saying why) when it is missing, stale, cut short or changed by hand."""
     settings = {"draws": args.draws, "max_windows": args.max_windows, "noise_seed": args.noise_seed,
                 "batch_size": args.batch_size, "perturbations": [p.label for p in PERTURBATIONS]}
     path = args.out / "scores" / f"{arm.name}-seed{seed}.json"
     digest = weights_digest(run_dir)
-    if path.exists():
-        cached = json.loads(path.read_text())
-        same_weights = (cached["weights_sha256"] == digest if "weights_sha256" in cached
-                        else Path(cached.get("run", "")).resolve() == run_dir.resolve())
-        if cached.get("settings") == settings and same_weights:
-            if "weights_sha256" not in cached or "logit_jacobian_norm" not in cached:
-                cached["weights_sha256"] = digest
-                if "logit_jacobian_norm" not in cached:
-                    trained = load_trained(run_dir, map_location=resolve_device(args.device))
-                    inputs, _ = split_windows(trained, "val", args.max_windows)
-                    cached["logit_jacobian_norm"] = _jacobian_norm(trained, inputs, args)
-                write_json(path, cached)
-            return cached
+    cached = read_sealed_json(path)
+    if cached is not None and cached.get("settings") == settings and cached.get("weights_sha256") == digest:
+        return cached
     scores = {**score_model(run_dir, args), "settings": settings, "arm": arm.name, "seed": seed,
               "weights_sha256": digest}
-    write_json(path, scores)
+    write_sealed_json(path, scores)
     return scores
+
+
+def cached_calibrated(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace,
+                      matched_val_bpc: dict[str, float]) -> dict[str, Any]:
+    """:func:`~experiments.calibrated_scores.score_calibrated`, cached under ``<out>/scores/`` beside the raw
+    scores as a sealed record, like :func:`cached_scores`; the reference's record is also tied to the validation
+    BPCs it matches (a new arm re-scores it)."""
+    settings = {"max_windows": args.max_windows, "noise_seed": args.noise_seed, "batch_size": args.batch_size,
+                "conditions": list(CALIBRATED_CONDITIONS), "window_stride": CALIBRATED_STRIDE,
+                "matched_val_bpc": {k: round(v, 12) for k, v in sorted(matched_val_bpc.items())}}
+    path = args.out / "scores" / f"{arm.name}-seed{seed}.calibrated.json"
+    digest = weights_digest(run_dir)
+    cached = read_sealed_json(path)
+    if cached is not None and cached.get("settings") == settings and cached.get("weights_sha256") == digest:
+        return cached
+    trained = load_trained(run_dir, map_location=resolve_device(args.device))
+    record = {**score_calibrated(trained, TEXT_SHIFTS_AND_PERTURBATIONS, settings["matched_val_bpc"],
+                                 args.noise_seed, args.batch_size, args.max_windows, CALIBRATED_STRIDE),
+              "settings": settings, "arm": arm.name, "seed": seed, "weights_sha256": digest}
+    write_sealed_json(path, record)
+    return record
 
 
 # ---------------------------------------------------------------------------------- comparisons
@@ -342,25 +409,10 @@ def compare(arm_models: list[dict[str, Any]], reference_models: list[dict[str, A
         return {"seeds": [m["seed"] for m in ours], "verdict": f"fewer than {MIN_SEEDS} paired seeds",
                 **({"screening": screening(ours, ref, split)} if paired else {})}
 
-    def interval(statistic, **arrays: np.ndarray) -> Interval:
-        return paired_bootstrap(arrays, statistic, draws=draws, seed=seed)
-
-    clean = {"method": _matrix(ours, split, "clean"), "reference": _matrix(ref, split, "clean")}
-    result: dict[str, Any] = {
-        "seeds": [m["seed"] for m in ours],
-        "clean_cost_percent": interval(
-            lambda a: 100 * (a["method"].mean() / a["reference"].mean() - 1), **clean).to_dict(),
-        "levels": {},
-    }
-    for p in PERTURBATIONS:
-        noisy = {"method": _matrix(ours, split, p.label), "reference": _matrix(ref, split, p.label)}
-        bpc = interval(mean_difference, **noisy)
-        degradation = interval(
-            lambda a: 100 * (a["m"].mean() / a["mc"].mean() - a["r"].mean() / a["rc"].mean()),
-            m=noisy["method"], mc=clean["method"], r=noisy["reference"], rc=clean["reference"])
-        result["levels"][p.label] = {"bpc_difference": bpc.to_dict(), "bpc_verdict": verdict(bpc),
-                                     "degradation_difference_points": degradation.to_dict(),
-                                     "degradation_verdict": verdict(degradation)}
+    labels = ["clean", *(p.label for p in PERTURBATIONS)]
+    result = {"seeds": [m["seed"] for m in ours],
+              **compare_levels(lambda label: _matrix(ours, split, label), lambda label: _matrix(ref, split, label),
+                               labels, draws, seed)}
     for family in ("noise", "relative_noise", "substitution"):
         verdicts = [v["bpc_verdict"] for k, v in result["levels"].items() if k.startswith(family + "=")]
         result[f"{family}_better_at_every_level"] = all(v == "better" for v in verdicts)
@@ -510,6 +562,68 @@ def plot(records: list[dict[str, Any]], split: str, path: Path) -> Path:
     return save(fig, path)
 
 
+def calibrated_records(arms: list[Arm], scores: dict[str, list[dict[str, Any]]], run_dirs: dict[tuple[str, int], Path],
+                       args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Every scored model's calibrated record (:func:`cached_calibrated`), CE-only's last: each CE-only seed is
+    matched to the clean validation BPC of every other arm's model with the same seed."""
+    out: dict[str, list[dict[str, Any]]] = {arm.name: [] for arm in arms}
+    val_bpc: dict[int, dict[str, float]] = {}
+    for arm in sorted(arms, key=lambda a: a.name == "ce"):
+        for s in scores[arm.name]:
+            seed = s["seed"]
+            matched = val_bpc.get(seed, {}) if arm.name == "ce" else {}
+            out[arm.name].append(cached_calibrated(arm, seed, run_dirs[arm.name, seed], args, matched))
+            if arm.name != "ce":
+                val_bpc.setdefault(seed, {})[arm.name] = float(np.mean(s["splits"]["val"]["bpc"]["clean"]))
+    return out
+
+
+def confidence_controls(arms: list[Arm], calibrated: dict[str, list[dict[str, Any]]], records: list[dict[str, Any]],
+                        pairs: Sequence[tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+    """The ``calibrated`` part of ``summary.json``: each model's calibration, each arm against CE-only in every
+    mode of :mod:`experiments.calibrated_comparisons`, the head-to-head pairs calibrated, and the
+    recommendation."""
+    conditions = list(CALIBRATED_CONDITIONS)
+    jacobian = {(r["arm"], r["seed"]): r["val_logit_jacobian_norm"] for r in records}
+    models = [model_calibration(r) | {"val_logit_jacobian_norm": jacobian[r["arm"], r["seed"]]}
+              for rs in calibrated.values() for r in rs]
+    comparisons = {arm.name: compare_calibrated(arm.name, calibrated[arm.name], calibrated["ce"], conditions,
+                                                list(FAMILIES), MIN_SEEDS, args.bootstrap, args.noise_seed)
+                   for arm in arms if arm.name != "ce" and calibrated[arm.name] and calibrated["ce"]}
+    versus = {f"{a} vs {b}": compare_calibrated(a, calibrated[a], calibrated[b], conditions, list(FAMILIES),
+                                                MIN_SEEDS, args.bootstrap, args.noise_seed, modes=("calibrated",))
+              for a, b in pairs if calibrated.get(a) and calibrated.get(b)}
+    advice = [row | ({"train_flags": ARMS[row["arm"]].train_flags()} if row["arm"] else {})
+              for row in recommendation(comparisons, conditions, FAMILIES)]
+    return {"conditions": conditions, "families": FAMILIES, "models": models, "comparisons": comparisons,
+            "head_to_head": versus, "recommendation": advice}
+
+
+def confidence_sections(confidence: dict[str, Any]) -> list[str]:
+    """The study page's sections on confidence: the recommendation, calibration per arm, and the verdicts in
+    each mode (calibrated, temperature-matched, raw) and head to head."""
+    if not confidence["comparisons"]:
+        return []
+    conditions = confidence["conditions"][1:]
+    return [
+        "## Recommendation, with confidence controlled (test)\n\n" + recommendation_table(confidence["recommendation"]),
+        "## Calibration of every arm\n\nTemperature fitted on the clean validation split; ECE: top-label expected "
+        "calibration error (torchmetrics, 15 bins) on the clean test split and the out-of-domain text.\n\n"
+        + calibration_table(confidence["models"]),
+        *(f"## Against CE-only, {title} (test, draw 0)\n\n{text}\n\n"
+          + verdict_table(confidence["comparisons"], mode, conditions)
+          for mode, title, text in (
+              ("calibrated", "both calibrated", "Each model at its own fitted temperature."),
+              ("temperature_matched", "at matched confidence",
+               "The arm as trained; CE-only at the temperature at which its clean validation BPC equals the arm's "
+               "(per seed)."),
+              ("raw", "both as trained", "Neither temperature-scaled."))),
+        *(["## Head to head, both calibrated (test, draw 0)\n\n"
+           + verdict_table(confidence["head_to_head"], "calibrated", conditions, reference="the other arm")]
+          if confidence["head_to_head"] else []),
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     watch = Stopwatch()
     arms = [ARMS[name] for name in args.arms]
@@ -519,6 +633,7 @@ def run(args: argparse.Namespace) -> int:
     if "ce" not in args.arms:
         arms.insert(0, ARMS["ce"])  # the reference of every comparison
     scores: dict[str, list[dict[str, Any]]] = {arm.name: [] for arm in arms}
+    run_dirs: dict[tuple[str, int], Path] = {}
     missing = []
     for arm in arms:
         for seed in (s for s in args.seeds if arm.screened_on is None or s in arm.screened_on):
@@ -529,19 +644,27 @@ def run(args: argparse.Namespace) -> int:
                 missing.append(f"{arm.name} seed {seed} ({run_dir})")
                 continue
             scores[arm.name].append(cached_scores(arm, seed, run_dir, args))
+            run_dirs[arm.name, seed] = run_dir
+    calibrated = calibrated_records(arms, scores, run_dirs, args)
     records = [summary_record(s, ARMS[name]) for name, models in scores.items() for s in models]
     comparisons = {arm.name: compare_splits(scores[arm.name], scores["ce"], args.bootstrap, args.noise_seed)
                    for arm in arms if arm.name != "ce"}
     matched = matched_comparisons(arms, scores, args.bootstrap, args.noise_seed)
     versus = head_to_head(HEAD_TO_HEAD if args.versus is None else args.versus, scores, args.bootstrap, args.noise_seed)
+    confidence = confidence_controls(arms, calibrated, records, HEAD_TO_HEAD if args.versus is None else args.versus,
+                                     args)
     device = device_name(resolve_device(args.device))
     meta = provenance(device, watch.seconds, seeds=args.seeds, noise_seed=args.noise_seed, draws=args.draws,
                       missing=missing)
     write_json(args.out / "summary.json", {"models": records, "comparisons": comparisons, "matched": matched,
-                                           "head_to_head": versus, "meta": meta,
+                                           "head_to_head": versus, "calibrated": confidence, "meta": meta,
                                            "perturbations": [p.label for p in PERTURBATIONS]})
     figures = [plot(records, split, args.out / f"robustness_{split}.png") for split in ("val", "test") if records]
-    sections = [f"## {split}\n\n" + comparison_tables(comparisons, split) for split in ("val", "test")]
+    if confidence["comparisons"]:
+        figures.append(plot_calibrated(confidence["comparisons"], CALIBRATED_CONDITIONS, FAMILIES,
+                                       args.out / "robustness_calibrated.png"))
+    sections = confidence_sections(confidence)
+    sections += [f"## {split}\n\n" + comparison_tables(comparisons, split) for split in ("val", "test")]
     if matched:
         sections += [f"## Peers at matched clean cost and the ablation, {split}\n\n" + matched_table(matched, split)
                      for split in ("val", "test")]

@@ -118,15 +118,46 @@ def test_a_second_run_reuses_the_trained_runs_and_the_cached_scores(finished: tu
     assert cache.stat().st_mtime_ns == stamp
 
 
-def test_a_cache_from_before_the_jacobian_norm_was_measured_gets_it_added(finished: tuple[Path, dict]) -> None:
-    tmp_path, summary = finished
+@pytest.mark.parametrize("damage", ["edited", "truncated", "unsealed"])
+def test_a_cache_changed_after_it_was_written_is_recomputed_naming_its_file(
+        finished: tuple[Path, dict], damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path, _ = finished
     cache = tmp_path / "out" / "scores" / "ce-seed0.json"
-    scores = json.loads(cache.read_text())
-    measured = scores.pop("logit_jacobian_norm")
-    cache.write_text(json.dumps(scores))
+    original = json.loads(cache.read_text())
+    if damage == "edited":
+        cache.write_text(json.dumps(original | {"splits": {**original["splits"], "val": {
+            **original["splits"]["val"], "embedding_rms": 123.0}}}))
+    elif damage == "truncated":
+        cache.write_text(cache.read_text()[:200])
+    else:
+        cache.write_text(json.dumps({k: v for k, v in original.items() if k != "content_sha256"}))
     assert study.run(study_args(tmp_path, "--no-train")) == 0
-    assert json.loads(cache.read_text())["logit_jacobian_norm"] == measured
-    assert all(r["val_logit_jacobian_norm"] > 0 for r in summary["models"])
+    assert str(cache) in capsys.readouterr().out
+    assert json.loads(cache.read_text()) == original
+
+
+def test_every_model_is_calibrated_and_compared_with_confidence_controlled(finished: tuple[Path, dict]) -> None:
+    _, summary = finished
+    confidence = summary["calibrated"]
+    assert sorted((m["arm"], m["seed"]) for m in confidence["models"]) == sorted(
+        (r["arm"], r["seed"]) for r in summary["models"])
+    assert all(m["temperature"] > 0 and 0 <= m["test_ece"]["calibrated"] <= 1 for m in confidence["models"])
+    comparison = confidence["comparisons"]["noise-0.02"]
+    for mode in ("calibrated", "temperature_matched", "raw"):
+        assert set(comparison[mode]["levels"]) == set(study.CALIBRATED_CONDITIONS[1:])
+    assert [r["family"] for r in confidence["recommendation"]] == list(study.FAMILIES)
+
+
+def test_ce_only_is_scored_at_the_temperature_that_matches_each_arms_clean_validation_bpc(
+        finished: tuple[Path, dict]) -> None:
+    tmp_path, _ = finished
+    scores = tmp_path / "out" / "scores"
+    for seed in (0, 1, 2):
+        ce = json.loads((scores / f"ce-seed{seed}.calibrated.json").read_text())
+        for arm in ("noise-0.02", "margin-free-lambda0.02"):
+            arm_val = json.loads((scores / f"{arm}-seed{seed}.json").read_text())["splits"]["val"]["bpc"]["clean"]
+            assert ce["settings"]["matched_val_bpc"][arm] == pytest.approx(sum(arm_val) / len(arm_val))
+            assert f"matched:{arm}" in ce["temperatures"] or arm in ce["unmatched"]
 
 
 def test_an_arm_with_too_few_seeds_gets_no_verdict_and_missing_runs_are_listed(finished: tuple[Path, dict]) -> None:
@@ -184,9 +215,22 @@ def test_the_results_page_shows_the_verdicts_and_every_models_regime(finished: t
     _, summary = finished
     text = "\n".join(robustness_section(summary))
     assert "| noise-0.02 |" in text and "relative_noise=0.5" in text
-    assert text.count("| ce |") == 3 and text.count("| noise-0.02 |") == 3 + 2 + 2  # every model; a verdict and a match row per split
+    # every model; a verdict and a match row per split; a calibrated and a temperature-matched verdict row
+    assert text.count("| ce |") == 3 and text.count("| noise-0.02 |") == 3 + 2 + 2 + 2
+    assert "confidence controlled" in text and "| noise-0.02 (3) |" in text  # each arm's calibration
     assert "| noise-0.02 vs margin-free-lambda0.02 |" in text
     assert "Produced by" in text and "Head to head" not in text
     direct = {"noise-0.02 vs margin-free-lambda0.02": {s: summary["matched"]["noise-0.02"][s] for s in ("val", "test")}}
     text = "\n".join(robustness_section(summary | {"head_to_head": direct}))
     assert "**Head to head.**" in text and text.count("| noise-0.02 vs margin-free-lambda0.02 |") == 2 + 2
+
+
+@pytest.mark.parametrize("name", sorted(study.ARMS))
+def test_the_train_flags_of_every_arm_make_its_run(name: str) -> None:
+    from experiments.train import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    arm = study.ARMS[name]
+    args = parser.parse_args(arm.train_flags().split())
+    assert config_from_args(args).to_dict() == arm.config(0).to_dict()
