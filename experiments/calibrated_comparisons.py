@@ -188,8 +188,8 @@ def recommendation(comparisons: dict[str, dict[str, Any]], conditions: Sequence[
 
 
 def strongest_levels(conditions: Sequence[str], families: Sequence[str]) -> list[str]:
-    """The strongest level of every family, in the families' order."""
-    return [strongest_level(conditions, f) for f in families]
+    """The strongest level of every family, in the order of ``conditions``."""
+    return sorted((strongest_level(conditions, f) for f in families), key=list(conditions).index)
 
 
 def recommendation_markdown(confidence: dict[str, Any]) -> str:
@@ -208,7 +208,8 @@ def recommendation_markdown(confidence: dict[str, Any]) -> str:
                if not any(_beats_temperature(c, strongest_level(conditions, f)) for f in confidence["families"])]
     lines = [
         f"CE-only is {'over' if t > 1 else 'under'}confident: its temperature fitted on clean validation text is "
-        f"{t:.3f} (mean of {len(ce)} seeds), which moves its clean test BPC from {bpc['raw']:.4f} to "
+        f"{t:.3f} (mean of {len(ce)} seeds), which moves its BPC on clean test text (one window in "
+        f"{confidence.get('window_stride', 1)}, as in all the scores below) from {bpc['raw']:.4f} to "
         f"{bpc['calibrated']:.4f} and its expected calibration error from {ece['raw']:.4f} to {ece['calibrated']:.4f}. "
         "A setting *beats a temperature* under a family when, at the family's strongest level, it is better than "
         "CE-only both with each model at its own fitted temperature and with CE-only at the temperature that "
@@ -234,11 +235,12 @@ def recommendation_table(rows: list[dict[str, Any]]) -> str:
     """:func:`recommendation` as a short table a reader acts on."""
     body = []
     for r in rows:
+        under = r["name"] if r["level"] == r["family"] else f"{r['name']} ({r['level']})"
         if r["arm"] is None:
-            body.append([f"{r['name']} ({r['level']})", "nothing beats a temperature", "", "", "", ""])
+            body.append([under, "nothing beats a temperature", "", "", "", ""])
         else:
             flags = f" (`{r['train_flags']}`)" if r.get("train_flags") else ""
-            body.append([f"{r['name']} ({r['level']})", f"`{r['arm']}`{flags}", _interval(r["clean_cost_percent"], 2),
+            body.append([under, f"`{r['arm']}`{flags}", _interval(r["clean_cost_percent"], 2),
                          _interval(r["gain_over_calibrated"]), _interval(r["gain_over_matched"]),
                          ", ".join(f"`{a}`" for a in r["also"]) or "none"])
     return markdown_table(["under (strongest level)", "use (train flags)", "clean cost % (calibrated)",
@@ -252,10 +254,14 @@ def plot_calibrated(comparisons: dict[str, dict[str, Any]], conditions: Sequence
     (solid, with the 95% interval as bars) and against CE-only at the matched temperature (dashed). Below zero
     the arm is better; a family where no curve is below zero on both is one where nothing beats a temperature."""
     final = {arm: c for arm, c in comparisons.items() if "levels" in c.get("calibrated", {})}
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), squeeze=False)
+    names = list(families)
+    rows = [(names[i:i + 3] + ["."] * 3)[:3] for i in range(0, len(names), 3)]  # three panels a row, "." empty
+    fig, panels = plt.subplot_mosaic([*rows, ["legend"] * 3], figsize=(15, 4.25 * len(rows) + 1.5),
+                                     gridspec_kw={"height_ratios": (*[1] * len(rows), 0.25)})
     tab20 = plt.get_cmap("tab20")
     colours = [tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]  # the ten dark hues first
-    for ax, (family, name) in zip(axes.flat, families.items()):
+    for family, name in families.items():
+        ax = panels[family]
         levels = family_levels(conditions, family)
         xs = np.arange(len(levels))
         for k, (arm, c) in enumerate(final.items()):
@@ -271,8 +277,9 @@ def plot_calibrated(comparisons: dict[str, dict[str, Any]], conditions: Sequence
         ax.set_xticks(xs, [lev.split("=")[-1] for lev in levels])
         ax.set_xlim(-0.5, len(levels) - 0.5)
         ax.set(title=name, xlabel="level", ylabel="test BPC minus CE-only's")
+    panels["legend"].axis("off")
     if final:
-        axes.flat[0].legend(fontsize=7, loc="lower left")
+        panels["legend"].legend(*panels[names[0]].get_legend_handles_labels(), loc="center", ncol=5, fontsize=8)
     fig.suptitle("Against CE-only at its fitted temperature (solid, 95% interval) and at the temperature matching "
                  "the arm's clean cost (dashed)")
     return save(fig, path)

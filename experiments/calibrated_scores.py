@@ -82,7 +82,7 @@ def score_calibrated(trained: TrainedModel, perturbations: Sequence[Perturbation
     names, values = list(temperatures), list(temperatures.values())
     net, chars = trained.net, trained.vocab.chars
     record: dict[str, Any] = {"temperature": fitted, "temperatures": temperatures, "unmatched": unmatched,
-                              "prior_sigma": float(net.sigma), "conditions": {}}
+                              "prior_sigma": float(net.sigma.detach()), "conditions": {}}
     meter = CalibrationMeter(values[:2], val_logits.shape[1])
     meter.update(val_logits, val_flat)
     val = meter.compute()

@@ -364,6 +364,52 @@ def readme_with_recommendation(readme: str, res: dict[str, Any]) -> str:
     return head + begin + "\n" + recommendation_markdown(res["calibrated"]) + "\n" + end + tail
 
 
+FULL_DENSITY, ABLATION = "margin-positive-full-lambda0.05", "margin-positive-full-norm0.001-lambda0.05"
+"""The paper's full prior density (eq. 11, positive coupling, learned sigma) and its ablation without the barrier."""
+
+
+def _arm_mean(models: list[dict[str, Any]], arm: str, *keys: str) -> float:
+    """The mean over an arm's seeds of one (nested) field of :func:`model_calibration`'s records."""
+    values = []
+    for m in (m for m in models if m["arm"] == arm):
+        for key in keys:
+            m = m[key]
+        values.append(m)
+    return sum(values) / len(values)
+
+
+def _verdicts_by_family(comparison: dict[str, Any], levels: list[str], families: dict[str, str]) -> str:
+    """``"better under typos and case flips; worse under embedding noise"``: the verdict at each family's strongest
+    level, grouped."""
+    groups: dict[str, list[str]] = {}
+    for level in levels:
+        family = next(f for f in families if level == f or level.startswith(f + "="))
+        groups.setdefault(comparison["levels"][level]["bpc_verdict"], []).append(families[family])
+    return "; ".join(f"{verdict} under {', '.join(names)}" for verdict, names in groups.items())
+
+
+def full_density_note(confidence: dict[str, Any], levels: list[str]) -> list[str]:
+    """What the full density does to the model (confidence, scale, sigma, sensitivity) beside CE-only, and whether
+    its barrier adds anything to the Gaussian residual once both are calibrated; every number from the summary."""
+    models, families = confidence["models"], confidence["families"]
+    if not any(m["arm"] == FULL_DENSITY for m in models):
+        return []
+
+    def both(*keys: str, fmt: str = ".3f") -> str:
+        return f"{_arm_mean(models, FULL_DENSITY, *keys):{fmt}} against CE-only's {_arm_mean(models, 'ce', *keys):{fmt}}"
+
+    note = (f"**What the full density does to the model.** `{FULL_DENSITY}` (eq. 11 with a learned sigma, which ends at "
+            f"{_arm_mean(models, FULL_DENSITY, 'prior_sigma'):.4f}): fitted temperature {both('temperature')}, "
+            f"predictive entropy on clean test text {both('test_entropy_bits', 'raw')} bits per character, "
+            f"embedding RMS {both('test_embedding_rms', fmt='.4f')}, logit Jacobian norm "
+            f"{both('val_logit_jacobian_norm', fmt='.3g')}.")
+    versus = confidence["head_to_head"].get(f"{FULL_DENSITY} vs {ABLATION}", {}).get("calibrated", {})
+    if "levels" in versus:
+        note += (f" Against its ablation without the barrier (`{ABLATION}`), both calibrated, at each family's "
+                 f"strongest level: {_verdicts_by_family(versus, levels, families)}.")
+    return [note]
+
+
 def calibrated_section(res: dict[str, Any]) -> list[str]:
     """The study with confidence controlled: each arm's calibration, and each arm against CE-only, calibrated
     and at matched temperature, at the strongest level of every family (every level is in the study's own
@@ -387,6 +433,7 @@ def calibrated_section(res: dict[str, Any]) -> list[str]:
         "**Calibration of every arm** (means over seeds; ECE: top-label expected calibration error, torchmetrics, "
         "15 bins; logit Jacobian norm `||d logits / d x||_F^2` per position on validation):",
         calibration_table(confidence["models"]),
+        *full_density_note(confidence, levels),
         "**Calibrated** (each model at its own fitted temperature), the strongest level of each family:",
         verdict_table(confidence["comparisons"], "calibrated", levels),
         "**Matched** (the arm as trained, CE-only at the temperature matching its clean validation BPC):",

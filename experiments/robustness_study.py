@@ -595,8 +595,8 @@ def confidence_controls(arms: list[Arm], calibrated: dict[str, list[dict[str, An
               for a, b in pairs if calibrated.get(a) and calibrated.get(b)}
     advice = [row | ({"train_flags": ARMS[row["arm"]].train_flags()} if row["arm"] else {})
               for row in recommendation(comparisons, conditions, FAMILIES)]
-    return {"conditions": conditions, "families": FAMILIES, "models": models, "comparisons": comparisons,
-            "head_to_head": versus, "recommendation": advice}
+    return {"conditions": conditions, "families": FAMILIES, "window_stride": CALIBRATED_STRIDE, "models": models,
+            "comparisons": comparisons, "head_to_head": versus, "recommendation": advice}
 
 
 def confidence_sections(confidence: dict[str, Any]) -> list[str]:
