@@ -18,6 +18,7 @@ temperature-matched at the family's strongest level.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .intervals import compare_levels
 from .plots import save
 from .report import markdown_table
 
-__all__ = ["MODES", "calibration_table", "compare_calibrated", "family_levels", "model_calibration",
+__all__ = ["MODES", "arm_mean", "calibration_table", "compare_calibrated", "family_levels", "model_calibration",
            "plot_calibrated", "recommendation", "recommendation_markdown", "recommendation_table", "strongest_level",
            "strongest_levels", "verdict_table"]
 
@@ -106,23 +107,26 @@ def model_calibration(record: dict[str, Any]) -> dict[str, Any]:
             "unmatched": record["unmatched"]}
 
 
+def arm_mean(models: list[dict[str, Any]], arm: str, *keys: str) -> float:
+    """The mean over an arm's seeds of one (nested) field of :func:`model_calibration`'s records, e.g.
+    ``arm_mean(models, "ce", "test_ece", "raw")``."""
+    values = []
+    for m in (m for m in models if m["arm"] == arm):
+        for key in keys:
+            m = m[key]
+        values.append(m)
+    return float(np.mean(values))
+
+
 def calibration_table(models: list[dict[str, Any]]) -> str:
     """Per arm (means over its seeds): what it does to the model's confidence and scale. Fitted temperature, ECE
     raw -> calibrated on clean test and on the out-of-domain text, predictive entropy and BPC on clean test,
     embedding RMS, the prior's sigma (learned or set) and the logits' Jacobian norm."""
     rows = []
     for arm in dict.fromkeys(m["arm"] for m in models):
-        ms = [m for m in models if m["arm"] == arm]
-
-        def mean(*keys: str) -> float:
-            values = []
-            for m in ms:
-                for key in keys:
-                    m = m[key]
-                values.append(m)
-            return float(np.mean(values))
-
-        rows.append([f"{arm} ({len(ms)})", f"{mean('temperature'):.3f}",
+        mean = partial(arm_mean, models, arm)
+        seeds = sum(m["arm"] == arm for m in models)
+        rows.append([f"{arm} ({seeds})", f"{mean('temperature'):.3f}",
                      f"{mean('test_ece', 'raw'):.4f} -> {mean('test_ece', 'calibrated'):.4f}",
                      f"{mean('out_of_domain_ece', 'raw'):.3f} -> {mean('out_of_domain_ece', 'calibrated'):.3f}",
                      f"{mean('test_entropy_bits', 'raw'):.3f}",
@@ -196,10 +200,11 @@ def recommendation_markdown(confidence: dict[str, Any]) -> str:
     """The recommendation as README and the results page lead with it: how overconfident CE-only is, the table,
     and where nothing beats a temperature; every number read from ``confidence`` (``summary.json``'s
     ``calibrated``)."""
-    ce = [m for m in confidence["models"] if m["arm"] == "ce"]
-    t = float(np.mean([m["temperature"] for m in ce]))
-    ece = {k: float(np.mean([m["test_ece"][k] for m in ce])) for k in ("raw", "calibrated")}
-    bpc = {k: float(np.mean([m["test_clean_bpc"][k] for m in ce])) for k in ("raw", "calibrated")}
+    models = confidence["models"]
+    seeds = sum(m["arm"] == "ce" for m in models)
+    t = arm_mean(models, "ce", "temperature")
+    ece = {k: arm_mean(models, "ce", "test_ece", k) for k in ("raw", "calibrated")}
+    bpc = {k: arm_mean(models, "ce", "test_clean_bpc", k) for k in ("raw", "calibrated")}
     rows = confidence["recommendation"]
     nothing = [r["name"] for r in rows if r["arm"] is None]
     conditions = confidence["conditions"]
@@ -208,7 +213,7 @@ def recommendation_markdown(confidence: dict[str, Any]) -> str:
                if not any(_beats_temperature(c, strongest_level(conditions, f)) for f in confidence["families"])]
     lines = [
         f"CE-only is {'over' if t > 1 else 'under'}confident: its temperature fitted on clean validation text is "
-        f"{t:.3f} (mean of {len(ce)} seeds), which moves its BPC on clean test text (one window in "
+        f"{t:.3f} (mean of {seeds} seeds), which moves its BPC on clean test text (one window in "
         f"{confidence.get('window_stride', 1)}, as in all the scores below) from {bpc['raw']:.4f} to "
         f"{bpc['calibrated']:.4f} and its expected calibration error from {ece['raw']:.4f} to {ece['calibrated']:.4f}. "
         "A setting *beats a temperature* under a family when, at the family's strongest level, it is better than "

@@ -150,8 +150,9 @@ class CalibrationMeter:
         y = targets.long().cpu()
         for k, t in enumerate(self.temperatures):
             log_p = torch.log_softmax(z / t, dim=-1)
-            self._ece[k].update(log_p.exp(), y)
-            self._entropy[k] += float(-(log_p.exp() * log_p).sum(-1).double().sum()) / math.log(2.0)
+            p = log_p.exp()
+            self._ece[k].update(p, y)
+            self._entropy[k] += float(-(p * log_p).sum(-1).double().sum()) / math.log(2.0)
         self._errors += int((z.argmax(-1) != y).sum())
         self._count += y.numel()
 

@@ -23,7 +23,13 @@ from typing import Any, Callable
 
 from inference.checkpoint import require_regular_or_new, write_text_atomic
 
-from .calibrated_comparisons import calibration_table, recommendation_markdown, strongest_levels, verdict_table
+from .calibrated_comparisons import (
+    arm_mean,
+    calibration_table,
+    recommendation_markdown,
+    strongest_levels,
+    verdict_table,
+)
 from .decoding_study import run_facts, signal_table
 from .regularization_path import OPTIMUM_KEYS, draws_phrase
 from .report import markdown_table
@@ -368,16 +374,6 @@ FULL_DENSITY, ABLATION = "margin-positive-full-lambda0.05", "margin-positive-ful
 """The paper's full prior density (eq. 11, positive coupling, learned sigma) and its ablation without the barrier."""
 
 
-def _arm_mean(models: list[dict[str, Any]], arm: str, *keys: str) -> float:
-    """The mean over an arm's seeds of one (nested) field of :func:`model_calibration`'s records."""
-    values = []
-    for m in (m for m in models if m["arm"] == arm):
-        for key in keys:
-            m = m[key]
-        values.append(m)
-    return sum(values) / len(values)
-
-
 def _verdicts_by_family(comparison: dict[str, Any], levels: list[str], families: dict[str, str]) -> str:
     """``"better under typos and case flips; worse under embedding noise"``: the verdict at each family's strongest
     level, grouped."""
@@ -396,10 +392,10 @@ def full_density_note(confidence: dict[str, Any], levels: list[str]) -> list[str
         return []
 
     def both(*keys: str, fmt: str = ".3f") -> str:
-        return f"{_arm_mean(models, FULL_DENSITY, *keys):{fmt}} against CE-only's {_arm_mean(models, 'ce', *keys):{fmt}}"
+        return f"{arm_mean(models, FULL_DENSITY, *keys):{fmt}} against CE-only's {arm_mean(models, 'ce', *keys):{fmt}}"
 
     note = (f"**What the full density does to the model.** `{FULL_DENSITY}` (eq. 11 with a learned sigma, which ends at "
-            f"{_arm_mean(models, FULL_DENSITY, 'prior_sigma'):.4f}): fitted temperature {both('temperature')}, "
+            f"{arm_mean(models, FULL_DENSITY, 'prior_sigma'):.4f}): fitted temperature {both('temperature')}, "
             f"predictive entropy on clean test text {both('test_entropy_bits', 'raw')} bits per character, "
             f"embedding RMS {both('test_embedding_rms', fmt='.4f')}, logit Jacobian norm "
             f"{both('val_logit_jacobian_norm', fmt='.3g')}.")

@@ -339,14 +339,8 @@ def score_model(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             scores[p.label] = torch.stack(draws).mean(0).tolist()
         out["splits"][split] = {"windows": int(inputs.shape[0]), "embedding_rms": rms, "bpc": scores}
     out["regime"] = regime(trained, windows["val"][0], args.batch_size)
-    out["logit_jacobian_norm"] = _jacobian_norm(trained, windows["val"][0], args)
+    out["logit_jacobian_norm"] = logit_jacobian_norm(trained.net, windows["val"][0], args.batch_size, args.noise_seed)
     return out
-
-
-def _jacobian_norm(trained: TrainedModel, val_inputs: torch.Tensor, args: argparse.Namespace) -> float:
-    """The model's :func:`~experiments.perturbations.logit_jacobian_norm` on validation windows, with the
-    study's batch size and seed: one home for its settings, so that a scoring and a cache's back-fill agree."""
-    return logit_jacobian_norm(trained.net, val_inputs, args.batch_size, args.noise_seed)
 
 
 def weights_digest(run_dir: Path) -> str:
@@ -655,9 +649,9 @@ def run(args: argparse.Namespace) -> int:
     comparisons = {arm.name: compare_splits(scores[arm.name], scores["ce"], args.bootstrap, args.noise_seed)
                    for arm in arms if arm.name != "ce"}
     matched = matched_comparisons(arms, scores, args.bootstrap, args.noise_seed)
-    versus = head_to_head(HEAD_TO_HEAD if args.versus is None else args.versus, scores, args.bootstrap, args.noise_seed)
-    confidence = confidence_controls(arms, calibrated, records, HEAD_TO_HEAD if args.versus is None else args.versus,
-                                     args)
+    pairs = HEAD_TO_HEAD if args.versus is None else args.versus
+    versus = head_to_head(pairs, scores, args.bootstrap, args.noise_seed)
+    confidence = confidence_controls(arms, calibrated, records, pairs, args)
     device = device_name(resolve_device(args.device))
     meta = provenance(device, watch.seconds, seeds=args.seeds, noise_seed=args.noise_seed, draws=args.draws,
                       missing=missing)
