@@ -73,8 +73,9 @@ class SequentialFilter(ABC):
     filter). At its prediction after ``y_t`` it conditions on ``y_{1:t}`` and ``n_{1:t-1}``."""
 
     @abstractmethod
-    def extend(self, token: int) -> None:
-        """Read the next character ``y_t = token``."""
+    def extend(self, token: int, anchor: Tensor | None = None) -> None:
+        """Read the next character ``y_t = token``, with its embedding read ``anchor`` ``(d,)`` (default
+        ``embed(y)_t``; :meth:`TrajectoryModel.model`'s ``anchors``)."""
 
     @abstractmethod
     def observe(self, next_char: int) -> None:
@@ -84,18 +85,22 @@ class SequentialFilter(ABC):
     def predict(self) -> PredictiveSignals:
         """The predictive of the character after the last one read, and its signals."""
 
-    def run(self, idx: Tensor, next_chars: Tensor | None = None) -> list[PredictiveSignals]:
+    def run(self, idx: Tensor, next_chars: Tensor | None = None,
+            anchors: Tensor | None = None) -> list[PredictiveSignals]:
         """Filter through a text: per position ``t``, extend by ``y_t``, predict ``y_{t+1}``, observe it if given.
 
         Args:
-            idx: ``(T,)`` characters; next_chars: ``(T',)``, ``T' <= T`` (default ``idx[1:]``).
+            idx: ``(T,)`` characters; next_chars: ``(T',)``, ``T' <= T`` (default ``idx[1:]``);
+            anchors: the embeddings read ``(T, d)`` (default the characters' own).
 
         Returns the ``T`` predictive signals (the one at ``t`` uses ``y_{1:t}`` and ``n_{1:t-1}`` only).
         """
         next_chars = idx[1:] if next_chars is None else next_chars
+        if anchors is not None:
+            self.model.check_anchors(anchors, idx.shape[0])
         signals = []
         for t, token in enumerate(idx.tolist()):
-            self.extend(token)
+            self.extend(token, None if anchors is None else anchors[t])
             signals.append(self.predict())
             if t < next_chars.shape[0]:
                 self.observe(int(next_chars[t]))

@@ -120,10 +120,12 @@ class TrajectorySMC(SequentialFilter):
 
     # ------------------------------------------------------------------------------------- steps
     @torch.no_grad()
-    def extend(self, token: int) -> None:
-        """Propose ``x_t`` for the observed character ``y_t = token`` and weight it (module docstring)."""
+    def extend(self, token: int, anchor: Tensor | None = None) -> None:
+        """Propose ``x_t`` for the observed character ``y_t = token`` read as ``anchor`` (default ``embed(y)_t``) and
+        weight it (module docstring)."""
         tm, t = self.model, len(self.tokens)
-        anchor = tm.next_anchor(self.tokens, token)  # (d,)
+        default = tm.next_anchor(self.tokens, token)  # (d,)
+        anchor = default if anchor is None else anchor.to(default)
         if self.effective_sample_size() < self.ess_threshold * self.num_particles:
             self._resample()
         guess = torch.cat([self.x, anchor.expand(self.num_particles, 1, -1)], dim=1)

@@ -95,6 +95,7 @@ class SVIFilter(SequentialFilter):
         self.observed: list[int] = []
         self.losses: list[list[float]] = []
         self.filtered: list[Tensor] = []
+        self._anchors: list[Tensor] = []  # the embedding read, (d,) per position
         self._locs: list[Tensor] = []  # (d,) per position
         self._scales: list[Tensor] = []  # (d,) per position, unconstrained
         self._factors: list[Tensor] = []  # (d, rank) per position ("lowrank" only)
@@ -106,10 +107,11 @@ class SVIFilter(SequentialFilter):
 
     # ----------------------------------------------------------------------------------- the guide
     @property
-    def data(self) -> tuple[Tensor, Tensor]:
-        """The model's arguments ``(idx, next_chars)``: what the guide is (or is about to be) fitted to."""
+    def data(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The model's arguments ``(idx, next_chars, anchors)``: what the guide is (or is about to be) fitted to."""
         device = self.model.transform.w_k.device
-        return torch.tensor(self.tokens, device=device), torch.tensor(self.observed, dtype=torch.long, device=device)
+        return (torch.tensor(self.tokens, device=device), torch.tensor(self.observed, dtype=torch.long, device=device),
+                torch.stack(self._anchors))
 
     def distribution(self) -> dist.Distribution:
         """The guide ``q(x)``, event shape ``(t, d)``."""
@@ -121,16 +123,19 @@ class SVIFilter(SequentialFilter):
         joint = dist.LowRankMultivariateNormal(loc.reshape(-1), torch.cat(self._factors) * flat[:, None], flat**2)
         return dist.TransformedDistribution(joint, ReshapeTransform(flat.shape, loc.shape))
 
-    def guide(self, idx: Tensor, next_chars: Tensor) -> Tensor:
-        """The Pyro guide of ``TrajectoryModel.model(idx, next_chars)``: site ``x`` drawn from :meth:`distribution`."""
+    def guide(self, idx: Tensor, next_chars: Tensor, anchors: Tensor) -> Tensor:
+        """The Pyro guide of ``TrajectoryModel.model(idx, next_chars, anchors)``: site ``x`` drawn from
+        :meth:`distribution`."""
         return pyro.sample("x", self.distribution())
 
     # ------------------------------------------------------------------------------------- steps
-    def extend(self, token: int) -> None:
-        """Read ``y_t = token``: append position ``t`` to the guide, at its anchor with scale ``sqrt(r) tau`` (module
-        docstring)."""
+    def extend(self, token: int, anchor: Tensor | None = None) -> None:
+        """Read ``y_t = token`` as ``anchor`` (default ``embed(y)_t``): append position ``t`` to the guide, at its anchor
+        with scale ``sqrt(r) tau`` (module docstring)."""
         tm = self.model
-        anchor = tm.next_anchor(self.tokens, token)  # (d,)
+        default = tm.next_anchor(self.tokens, token)  # (d,)
+        anchor = default if anchor is None else anchor.to(default)
+        self._anchors.append(anchor)
         scale = math.sqrt(tm.anchor_ratio)  # in units of tau
         scale *= math.sqrt(0.5) if self.rank else 1.0  # "lowrank": the marginal scale starts there (as the autoguides)
         block = [anchor / tm.tau, self._positive.inv(torch.full_like(anchor, scale))]
@@ -158,12 +163,12 @@ class SVIFilter(SequentialFilter):
         """``config.steps`` SVI steps from the current guide; the losses go to :attr:`losses`."""
         if self._optimizer is None:
             raise ValueError("fit needs at least one character read (call extend first)")
-        idx, next_chars = self.data
+        data = self.data
         losses = []
         with torch.enable_grad(), frozen(self.model.gpt, self.model.transform):
             for _ in range(self.config.steps):
                 self._optimizer.zero_grad()
-                loss = self._elbo.differentiable_loss(self.model.model, self.guide, idx, next_chars)
+                loss = self._elbo.differentiable_loss(self.model.model, self.guide, *data)
                 loss.backward()
                 self._optimizer.step()
                 losses.append(float(loss.detach()))

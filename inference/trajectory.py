@@ -148,6 +148,14 @@ class TrajectoryModel:
         if bool(((idx < 0) | (idx >= cfg.vocab_size)).any()):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
 
+    def check_anchors(self, anchors: Tensor, length: int) -> Tensor:
+        """``anchors`` if they are ``length`` finite embeddings ``(length, d)``; else ``ValueError``."""
+        if anchors.shape != (length, self.dim):
+            raise ValueError(f"anchors must have shape ({length}, {self.dim}), got {tuple(anchors.shape)}")
+        if not bool(torch.isfinite(anchors).all()):
+            raise ValueError("anchors must be finite")
+        return anchors
+
     def prior(self, seq_len: int) -> EmbeddingPrior:
         """The embedding prior over ``seq_len`` positions with this model's ``sigma`` and ``barrier_floor``.
 
@@ -172,16 +180,19 @@ class TrajectoryModel:
         """``N(x, tau^2 I)`` over ``embed(y)``, event shape ``(T, d)``."""
         return dist.Normal(x, self.tau).to_event(2)
 
-    def model(self, idx: Tensor, next_chars: Tensor | None = None) -> Tensor:
+    def model(self, idx: Tensor, next_chars: Tensor | None = None, anchors: Tensor | None = None) -> Tensor:
         """The Pyro model: sites ``x`` (latent, ``(T, d)``), ``embedding`` and ``next_char`` (observed).
 
         Args:
             idx: the characters ``y_1..y_T``, shape ``(T,)``.
             next_chars: ``y_2..y_{T'+1}``, shape ``(T',)`` with ``T' <= T``; default ``idx[1:]``.
+            anchors: the embeddings read, ``(T, d)``; default ``embed(y)``. Give them when the embeddings the
+                decoder reads are not the characters' own (e.g. with noise added, whose variance then belongs
+                in ``tau^2``).
 
         Returns the sampled trajectory ``x``. Vectorised particles (an outer plate) add leading dims to ``x``.
         """
-        anchors = self.anchors(idx)
+        anchors = self.anchors(idx) if anchors is None else self.check_anchors(anchors, idx.shape[0])
         next_chars = idx[1:] if next_chars is None else next_chars
         if next_chars.dim() != 1 or next_chars.shape[0] > idx.shape[0]:
             raise ValueError(f"next_chars must be 1-D with at most {idx.shape[0]} entries, got {tuple(next_chars.shape)}")

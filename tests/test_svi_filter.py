@@ -53,9 +53,10 @@ def test_each_prediction_conditions_on_what_the_particle_filter_has_read() -> No
     fitted: list[tuple[list[int], list[int]]] = []
 
     class Spy(TrajectoryModel):
-        def model(self, idx: torch.Tensor, next_chars: torch.Tensor | None = None) -> torch.Tensor:
+        def model(self, idx: torch.Tensor, next_chars: torch.Tensor | None = None,
+                  anchors: torch.Tensor | None = None) -> torch.Tensor:
             fitted.append((idx.tolist(), next_chars.tolist()))
-            return super().model(idx, next_chars)
+            return super().model(idx, next_chars, anchors)
 
     class RecordingSMC(TrajectorySMC):
         def __init__(self, *args, **kwargs) -> None:
