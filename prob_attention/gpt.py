@@ -280,6 +280,13 @@ class SmallGPT(nn.Module):
         :meth:`new_cache`), ``x`` holds the positions that follow the cached ones: their logits are
         returned, the same as decoding the whole sequence, and the cache is extended by them.
         """
+        return self.lm_head(self.features(x, cache))  # (B, T, vocab)
+
+    def features(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The input of ``lm_head``, ``(B, T, n_embd) -> (B, T, n_embd)``: :meth:`decode` is ``lm_head(features(x))``.
+
+        Dropout, the blocks and the final LayerNorm; ``cache`` as in :meth:`decode`.
+        """
         if x.dim() != 3 or x.shape[-1] != self.config.n_embd:
             raise ValueError(
                 f"embeddings must have shape (batch, time, {self.config.n_embd}), got {tuple(x.shape)}"
@@ -292,7 +299,7 @@ class SmallGPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])  # (B, T, C)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        return self.ln_f(x)  # (B, T, C)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``decode(embed(idx))``; with ``targets`` (same shape as ``idx``) also the mean CE in nats.
