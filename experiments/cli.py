@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "decode": "experiments.decode",
     "decoding-study": "experiments.decoding_study",
     "robustness-study": "experiments.robustness_study",
+    "uncertainty-study": "experiments.uncertainty_study",
 }
 """Subcommand name -> module implementing it."""
 

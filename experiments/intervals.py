@@ -36,13 +36,14 @@ class Interval:
 
 def paired_bootstrap(arrays: Mapping[str, np.ndarray], statistic: Statistic, draws: int = 2000,
                      level: float = 0.95, seed: int = 0) -> Interval:
-    """The statistic of ``arrays`` (each ``(seeds, windows)``, all the same shape) with its interval.
+    """The statistic of ``arrays`` (each ``(seeds, windows, ...)``, sharing their first two dimensions; any further
+    dimensions, e.g. the positions of a window, travel with their window) with its interval.
 
     Raises ``ValueError`` for arrays of different or empty shapes, or a level outside ``(0, 1)``.
     """
-    shapes = {a.shape for a in arrays.values()}
-    if len(shapes) != 1 or any(a.ndim != 2 for a in arrays.values()):
-        raise ValueError(f"the arrays must share one (seeds, windows) shape, got {sorted(shapes)}")
+    shapes = {a.shape[:2] for a in arrays.values()}
+    if len(shapes) != 1 or any(a.ndim < 2 for a in arrays.values()):
+        raise ValueError(f"the arrays must share their (seeds, windows) dimensions, got {sorted(shapes)}")
     n_seeds, n_windows = shapes.pop()
     if n_seeds < 1 or n_windows < 1:
         raise ValueError("need at least one seed and one window")

@@ -159,11 +159,14 @@ class LastLayerLaplace:
         return cls._from_sums(weight, g, a, phi.shape[0], prior_precision)
 
     @classmethod
-    def fit(cls, gpt: SmallGPT, inputs: Tensor, batch_size: int = 64, prior_precision: float = 1.0) -> LastLayerLaplace:
+    def fit(cls, gpt: SmallGPT, inputs: Tensor, batch_size: int = 64, prior_precision: float = 1.0,
+            positions: int | None = None) -> LastLayerLaplace:
         """Accumulate ``G`` and ``A`` over every position of the token windows ``inputs`` ``(n, T)``.
 
         The network runs in eval mode (no dropout) without gradients, ``batch_size`` windows at a time; the sums
-        are float64. ``W_MAP`` is ``gpt.lm_head.weight``.
+        are float64. ``W_MAP`` is ``gpt.lm_head.weight``. ``positions``: the ``N`` the mean curvature is scaled by,
+        the number of training positions the likelihood sums over (default the positions of ``inputs``): ``G`` and
+        ``A`` can be estimated on a sample of the training text and scaled to all of it.
         """
         if inputs.dim() != 2 or inputs.numel() == 0:
             raise ValueError(f"inputs must be non-empty token windows (n, T), got shape {tuple(inputs.shape)}")
@@ -184,13 +187,16 @@ class LastLayerLaplace:
                     g, a = g + dg, a + da
         finally:
             gpt.train(was_training)
-        return cls._from_sums(weight, g, a, inputs.numel(), prior_precision)
+        return cls._from_sums(weight, g, a, inputs.numel(), prior_precision,
+                              _check_count("positions", positions) if positions is not None else None)
 
     @classmethod
-    def _from_sums(cls, weight: Tensor, g: Tensor, a: Tensor, n: int, prior_precision: float) -> LastLayerLaplace:
+    def _from_sums(cls, weight: Tensor, g: Tensor, a: Tensor, n: int, prior_precision: float,
+                   positions: int | None = None) -> LastLayerLaplace:
         eig_g, vec_g = _eigh(g / n)
         eig_a, vec_a = _eigh(a / n)
-        return cls(weight, eig_g, vec_g, eig_a, vec_a, n, _check_positive("prior_precision", prior_precision))
+        return cls(weight, eig_g, vec_g, eig_a, vec_a, positions or n,
+                   _check_positive("prior_precision", prior_precision))
 
     def with_prior_precision(self, delta: float) -> LastLayerLaplace:
         """The same curvature with prior precision ``delta``."""

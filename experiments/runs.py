@@ -84,16 +84,17 @@ def ensure_trained(config: RunConfig, run_dir: str | os.PathLike[str], progress:
     return trained
 
 
-def split_windows(trained: TrainedModel, split: str, max_windows: int | None = None) -> tuple[Tensor, Tensor]:
-    """Non-overlapping ``(inputs, targets)`` windows ``(n, block_size)`` of a split of the run's own corpus,
-    encoded with the run's vocabulary (``max_windows`` keeps the first ones)."""
+def split_windows(trained: TrainedModel, split: str, max_windows: int | None = None,
+                  length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Non-overlapping ``(inputs, targets)`` windows ``(n, length)`` (default the run's ``block_size``) of a split of
+    the run's own corpus, encoded with the run's vocabulary (``max_windows`` keeps the first ones)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     tc = trained.config.train
     corpus = load_corpus(tc.corpus, seed=tc.corpus_seed)
     if corpus.name != trained.corpus:
         raise ValueError(f"the run was trained on {trained.corpus!r} but {tc.corpus!r} now loads {corpus.name!r}")
-    inputs, targets = eval_windows(trained.vocab.encode(getattr(corpus, split)), trained.gpt_config.block_size)
+    inputs, targets = eval_windows(trained.vocab.encode(getattr(corpus, split)), length or trained.gpt_config.block_size)
     return (inputs, targets) if max_windows is None else (inputs[:max_windows], targets[:max_windows])
 
 

@@ -102,6 +102,22 @@ def test_fit_on_tiny_gpt_matches_direct_curvature_and_features_reproduce_decode(
     torch.testing.assert_close(a, flat.T @ flat / flat.shape[0], rtol=1e-9, atol=1e-12)
 
 
+def test_the_curvature_estimated_on_a_sample_scales_to_all_the_training_positions():
+    gpt = tiny_gpt()
+    inputs = torch.randint(0, 7, (5, 8))
+    sample, scaled = LastLayerLaplace.fit(gpt, inputs), LastLayerLaplace.fit(gpt, inputs, positions=4000)
+    assert scaled.positions == 4000 and sample.positions == 40
+    torch.testing.assert_close(scaled.g_factor, sample.g_factor)
+    phi = gpt.features(gpt.embed(inputs[:1])).detach()
+    # the data term grows 100-fold: with a negligible prior the logit variances shrink 100-fold, except along G's
+    # null direction (a shift of every logit, which the softmax ignores), where only the prior acts
+    tiny, curved = 1e-9, sample.eig_g > 1e-8
+    torch.testing.assert_close(scaled.with_prior_precision(tiny).logit_variances(phi)[..., curved] * 100,
+                               sample.with_prior_precision(tiny).logit_variances(phi)[..., curved], rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="positions"):
+        LastLayerLaplace.fit(gpt, inputs, positions=0)
+
+
 def test_fit_prior_precision_returns_a_grid_value_and_a_finite_curve():
     gpt = tiny_gpt()
     inputs = torch.randint(0, 7, (4, 8))
