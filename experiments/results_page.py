@@ -35,11 +35,13 @@ from .regularization_path import OPTIMUM_KEYS, draws_phrase
 from .report import markdown_table
 from .robustness_study import comparison_tables, matched_table
 from .uncertainty_study import (
+    SELECTION,
     cost_table,
     fitted_baselines_table,
     posterior_verdict_table,
     summary_markdown,
     tau_table,
+    wins_table,
 )
 
 HELP = "assemble docs/RESULTS.md from the results folder (numbers, provenance, verdicts against the targets)"
@@ -411,8 +413,10 @@ def uncertainty_section(res: dict[str, Any]) -> list[str]:
             + "\n\n![tau fit](../results/uncertainty_study/tau_fit.png)",
             "### The fitted baselines\n\n" + fitted_baselines_table(res["arms"]),
             "### The posterior against the best baseline\n\nDifference posterior - best baseline, negative favours "
-            "the posterior (shift AUROC negated), 95% paired bootstrap over seeds and windows.\n\n"
+            "the posterior (shift AUROC negated), 95% paired bootstrap over seeds and windows. " + SELECTION + "\n\n"
             + posterior_verdict_table(res["arms"]),
+            "### Where the posterior beats the best baseline\n\n" + (wins_table(res["posterior_wins"])
+                                                                     if res["posterior_wins"] else "Nowhere."),
             "### Cost per position\n\n" + cost_table(res["arms"]),
             "![reliability](../results/uncertainty_study/reliability.png)\n\n"
             "![risk-coverage](../results/uncertainty_study/risk_coverage.png)"]
