@@ -37,6 +37,7 @@ from .robustness_study import comparison_tables, matched_table
 from .uncertainty_study import (
     SELECTION,
     cost_table,
+    denoising_table,
     fitted_baselines_table,
     posterior_verdict_table,
     summary_markdown,
@@ -415,6 +416,9 @@ def uncertainty_section(res: dict[str, Any]) -> list[str]:
             "### The posterior against the best baseline\n\nDifference posterior - best baseline, negative favours "
             "the posterior (shift AUROC negated), 95% paired bootstrap over seeds and windows. " + SELECTION + "\n\n"
             + posterior_verdict_table(res["arms"]),
+            "### Bayesian denoising: the posterior against decoding the noisy embeddings (MAP)\n\nDifference "
+            "posterior (SMC) - MAP, negative favours the posterior, 95% paired bootstrap over seeds and windows.\n\n"
+            + denoising_table(res["arms"]),
             "### Where the posterior beats the best baseline\n\n" + (wins_table(res["posterior_wins"])
                                                                      if res["posterior_wins"] else "Nowhere."),
             "### Cost per position\n\n" + cost_table(res["arms"]),

@@ -426,6 +426,45 @@ def verdicts(scores: ArmScores, metrics: dict[str, dict[str, Any]], labels: Sequ
     return out
 
 
+NOISE_LABELS = tuple(c.label for c in CONDITIONS if c.family in ("noise", "relative_noise"))
+"""The embedding-noise conditions, where the posterior reads the noisy embeddings with its emission matched to the
+noise: Bayesian denoising, its best case."""
+
+
+def denoising(scores: ArmScores, draws: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Under each embedding-noise condition: does the particle filter's posterior predictive beat decoding the noisy
+    embeddings directly (MAP)? The difference posterior - MAP in BPC and ECE, paired bootstrap."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in NOISE_LABELS:
+        out[label] = {}
+        for criterion in ("bpc", "ece"):
+            stat = statistic(criterion, label)
+            arrays = {f"p:{k}": v for k, v in contender_arrays(scores, criterion, label, "smc", None).items()}
+            arrays |= {f"m:{k}": v for k, v in contender_arrays(scores, criterion, label, "map", None).items()}
+
+            def difference(a: dict[str, np.ndarray]) -> float:
+                return (stat({k[2:]: v for k, v in a.items() if k.startswith("p:")})
+                        - stat({k[2:]: v for k, v in a.items() if k.startswith("m:")}))
+
+            interval = paired_bootstrap(arrays, difference, draws=draws, seed=seed)
+            out[label][criterion] = {"difference": interval.to_dict(), "verdict": verdict(interval)}
+    return out
+
+
+def denoising_table(arms: dict[str, dict[str, Any]]) -> str:
+    """Posterior - MAP under embedding noise, per arm and level (BPC, ECE)."""
+    rows = []
+    for label in NOISE_LABELS:
+        for criterion in ("bpc", "ece"):
+            cells = []
+            for rec in arms.values():
+                c = rec["denoising"][label][criterion]
+                d = c["difference"]
+                cells.append(f"{VERDICT_MARKS[c['verdict']]} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+            rows.append([label, CRITERIA[criterion][0], *cells])
+    return markdown_table(["condition", "criterion", *arms], rows)
+
+
 def _contender(entry: tuple[str, str | None, float]) -> dict[str, Any]:
     method, signal, value = entry
     return {"method": method, "signal": signal, "value": value}
@@ -658,8 +697,14 @@ def headline(summary: dict[str, Any]) -> list[str]:
     worse = sum(c["verdict"] == "worse" for rec in arms.values() for cs in rec["verdicts"].values()
                 for c in cs.values())
     lines.append(f"- It is worse than the best baseline in {worse} of them, not distinguishable in the rest.")
+    better = [(arm, label) for arm, rec in arms.items() for label, c in rec["denoising"].items()
+              if c["bpc"]["verdict"] == "better"]
+    lines.append(f"- Bayesian denoising: under embedding noise, the posterior (its emission matched to the noise) "
+                 f"predicts better than decoding the noisy embeddings directly in {len(better)} of "
+                 f"{sum(len(rec['denoising']) for rec in arms.values())} (arm, level) cells (BPC).")
     costs = [f"{cost_ratio(arms, m):.0f} times ({METHODS[m][0]})" for m in POSTERIORS if cost_ratio(arms, m)]
-    lines.append(f"- It costs {' and '.join(costs)} the deep ensemble per position (mean over the arms).")
+    lines.append(f"- The latent posterior costs {' and '.join(costs)} the deep ensemble per position (mean over the "
+                 "arms).")
     svi = summary["settings"]["svi"]
     read = [arm for arm in svi["arms"] if "svi" in arms.get(arm, {}).get("cost", {})]
     if read:
@@ -699,7 +744,8 @@ def run(args: argparse.Namespace) -> int:
         scores = score_arm(arm, {seed: runs[arm, seed] for seed in args.seeds}, args)
         metrics = point_metrics(scores)
         arms[arm] = {"facts": scores.facts, "cost": scores.cost, "metrics": metrics,
-                     "verdicts": verdicts(scores, metrics, labels, args.bootstrap)}
+                     "verdicts": verdicts(scores, metrics, labels, args.bootstrap),
+                     "denoising": denoising(scores, args.bootstrap)}
         scored[arm] = scores
     summary = {"settings": {**PosteriorSettings(args.windows, args.window_length, args.particles).to_dict(),
                             "seeds": list(args.seeds), "bootstrap": args.bootstrap,
@@ -725,6 +771,9 @@ def run(args: argparse.Namespace) -> int:
                 "and AURC as they are, shift AUROC negated), paired bootstrap over seeds and windows. " + SELECTION
                 + "\n\n"
                 + posterior_verdict_table(arms),
+                "## Bayesian denoising: the posterior against decoding the noisy embeddings (MAP)\n\n"
+                "Difference posterior (SMC) - MAP, negative favours the posterior, paired bootstrap over seeds and "
+                "windows.\n\n" + denoising_table(arms),
                 "## Where the posterior beats the best baseline\n\n" + (wins_table(summary["posterior_wins"])
                                                                         if summary["posterior_wins"] else "Nowhere."),
                 "## Cost per position\n\n" + cost_table(arms),

@@ -18,7 +18,15 @@ from experiments.posterior_scores import PosteriorSettings, cached_posterior
 from experiments.results_page import UNCERTAINTY_BLOCK
 from experiments.robustness_study import ARMS, weights_digest
 from experiments.shift_conditions import CONDITIONS, Condition, condition_windows
-from experiments.uncertainty_study import BASELINES, CRITERIA, METHODS, POSTERIORS, STRONGEST, summary_markdown
+from experiments.uncertainty_study import (
+    BASELINES,
+    CRITERIA,
+    METHODS,
+    NOISE_LABELS,
+    POSTERIORS,
+    STRONGEST,
+    summary_markdown,
+)
 from inference.map import MAPTrainer, load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,6 +149,8 @@ def test_the_study_scores_every_method_and_criterion_and_writes_its_report(tiny_
     assert cell["posterior"]["method"] in POSTERIORS and cell["best_baseline"]["method"] in BASELINES
     assert cell["difference"]["low"] <= cell["difference"]["estimate"] <= cell["difference"]["high"]
     assert arm["cost"]["ensemble"] == pytest.approx(2 * arm["cost"]["map"], rel=0.5)
+    assert set(arm["denoising"]) == set(NOISE_LABELS) == {c.label for c in CONDITIONS if "noise" in c.family}
+    assert all(set(cell) == {"bpc", "ece"} for cell in arm["denoising"].values())
     readme = (out / "README.md").read_text()
     assert "the deep ensemble per position" in readme and "## Fitting tau" in readme
     for figure in ("tau_fit.png", "reliability.png", "risk_coverage.png"):
