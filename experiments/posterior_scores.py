@@ -9,9 +9,12 @@ Bayes on training windows):
    the MAP model's (computed exactly, not filtered). ``tau*`` is the best *positive* ratio: the posterior closest
    to useful. Whether it beats the limit is a finding the study reports, not an assumption.
 2. **Every condition** (:data:`~experiments.shift_conditions.CONDITIONS`) is filtered at ``tau*``, reading the
-   condition's embeddings (noisy ones under embedding noise). Where noise of standard deviation ``s`` was added,
-   the emission's variance is matched to it, ``tau^2 = tau*^2 + s^2``: the embeddings read are then exactly
-   what the model says they are, and the posterior denoises them (Bayesian denoising, its best case).
+   condition's embeddings (noisy ones under embedding noise): the filter knows nothing of the shift, as no
+   baseline does. Where noise of standard deviation ``s`` was added, the condition is filtered a second time
+   (label + :data:`MATCHED`) with the emission's variance matched to it, ``tau^2 = tau*^2 + s^2``: the embeddings
+   read are then exactly what the model says they are, and the posterior denoises them (Bayesian denoising, its
+   best case). That filter is told the noise level, so it answers whether denoising helps, not how the posterior
+   compares with baselines that are not told it (nor can it detect a shift it was told of).
 
 Per position it keeps the predictive's record (:func:`~experiments.uncertainty_metrics.predictive_record`) and the
 posterior's own signals: the mutual information between the next character and the trajectory (``mi``), the
@@ -55,6 +58,9 @@ TAU_RATIOS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
 posterior predictive's top-1 error at 0.64 to 0.78 against MAP's 0.39: the grid runs below it, down to a hundredth
 of ``sigma`` (CE-only's ``sigma`` is 0.075 and it loses a bit per character under embedding noise of 0.01)."""
 
+MATCHED = "+matched"
+"""Appended to an embedding-noise condition's label: the posterior whose emission is matched to the noise."""
+
 POSTERIOR_FIELDS = ("mi", "ess", "margin")
 """The posterior's own per-position signals, beside the predictive's record."""
 
@@ -68,6 +74,8 @@ class PosteriorSettings:
         particles: the particle filter's ``P``. tau_ratios: the fitting grid. seed: windows' corruption and noise,
             and the filters' seeds (``seed + window``).
         conditions: the labels of the conditions scored.
+        noise_emission: how the embedding-noise conditions are filtered (module docstring), recorded so that a
+            cache made another way is not reused.
     """
 
     windows: int = 12
@@ -76,6 +84,7 @@ class PosteriorSettings:
     tau_ratios: tuple[float, ...] = TAU_RATIOS
     seed: int = 0
     conditions: tuple[str, ...] = tuple(c.label for c in CONDITIONS)
+    noise_emission: tuple[str, ...] = ("blind", "matched")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -136,19 +145,27 @@ def posterior_scores(trained: TrainedModel, settings: PosteriorSettings,
     for label in settings.conditions:
         windows = condition_windows(trained, by_label[label], settings.windows, settings.length, settings.seed)
         started = time.perf_counter()
-        record, failed = smc_record(_with_tau(base, math.hypot(tau, windows.noise_scale)), windows,
-                                    settings.particles, settings.seed)
+        record, failed = smc_record(_with_tau(base, tau), windows, settings.particles, settings.seed)
         seconds += time.perf_counter() - started
         positions += windows.targets.numel()
         failures += failed
-        arrays.update({f"{label}/{k}": v.astype(np.float32 if v.dtype.kind == "f" else v.dtype)
-                       for k, v in record.items()})
+        arrays |= _keyed(label, record)
+        if windows.noise_scale > 0:
+            matched, failed = smc_record(_with_tau(base, math.hypot(tau, windows.noise_scale)), windows,
+                                         settings.particles, settings.seed)
+            failures += failed
+            arrays |= _keyed(label + MATCHED, matched)
         say(label)
     learned = float(trained.net.sigma.detach()) if trained.config.prior.learn_sigma else None
     facts = {"sigma": base.sigma, "learned_sigma": learned, "tau_curve": {f"{k:g}": v for k, v in curve.items()},
              "tau_ratio": ratio, "tau": tau, "map_limit_best": curve[0.0] <= curve[ratio],
              "inversion_failures": failures, "seconds_per_position": seconds / positions}
     return facts, arrays
+
+
+def _keyed(label: str, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A record's arrays keyed ``"<label>/<field>"``, floats stored as float32."""
+    return {f"{label}/{k}": v.astype(np.float32 if v.dtype.kind == "f" else v.dtype) for k, v in record.items()}
 
 
 def _digest(path: Path) -> str:
@@ -228,20 +245,24 @@ def svi_scores(trained: TrainedModel, settings: PosteriorSettings, svi: SVISetti
     seconds, positions = 0.0, 0
     for label in svi.conditions:
         windows = condition_windows(trained, by_label[label], settings.windows, settings.length, settings.seed)
-        model = _with_tau(base, math.hypot(tau, windows.noise_scale))
         filters: list[SVIFilter] = []
 
-        def make(i: int) -> SVIFilter:
-            filters.append(SVIFilter(model, replace(config, seed=settings.seed + i), svi.draws))
-            return filters[-1]
+        def run(emission: float) -> dict[str, np.ndarray]:
+            model = _with_tau(base, emission)
+
+            def make(i: int) -> SVIFilter:
+                filters.append(SVIFilter(model, replace(config, seed=settings.seed + i), svi.draws))
+                return filters[-1]
+
+            return filter_record(make, windows)
 
         started = time.perf_counter()
-        record = filter_record(make, windows)
+        arrays |= _keyed(label, run(tau))
         seconds += time.perf_counter() - started
         positions += windows.targets.numel()
+        if windows.noise_scale > 0:
+            arrays |= _keyed(label + MATCHED, run(math.hypot(tau, windows.noise_scale)))
         losses += [fit for f in filters for fit in f.losses]
-        arrays.update({f"{label}/{k}": v.astype(np.float32 if v.dtype.kind == "f" else v.dtype)
-                       for k, v in record.items()})
         say(label)
     facts = {"tau": tau, "seconds_per_position": seconds / positions, "elbo": _settling(losses)}
     return facts, arrays

@@ -15,8 +15,10 @@ the next character at the same positions (``--windows`` windows of ``--window-le
 - ``laplace``: a last-layer KFAC Laplace approximation, prior precision fitted on validation
   (:mod:`experiments.laplace`);
 - ``ensemble``: the deep ensemble of the arm's seeds (their softmaxes averaged);
-- ``posterior``: the latent posterior over the embedding trajectory, the particle filter at the ``tau`` fitted on
-  validation, its emission matched to the noise added (:mod:`experiments.posterior_scores`, cached per model).
+- ``smc``, ``svi``: the latent posterior over the embedding trajectory, the particle filter (and, on some arms and
+  conditions, the SVI filter) at the ``tau`` fitted on validation, knowing nothing of the shift, as no baseline does
+  (:mod:`experiments.posterior_scores`, cached per model). Under embedding noise the particle filter also runs told
+  the noise level (its emission matched to it): Bayesian denoising, compared with decoding the noisy embeddings.
 
 Each method is scored by its predictive (bits per character, top-1 error, ECE, Brier score:
 :mod:`experiments.uncertainty_metrics`) and each of its uncertainty signals (predictive entropy, ``1 - max p``,
@@ -53,7 +55,7 @@ from .flags import add_device_flag, add_out_flag, add_progress_flag, positive_in
 from .intervals import paired_bootstrap, verdict
 from .laplace import PRIOR_PRECISION_GRID, LastLayerLaplace, fit_prior_precision
 from .plots import plt
-from .posterior_scores import PosteriorSettings, SVISettings, cached_posterior, cached_svi
+from .posterior_scores import MATCHED, PosteriorSettings, SVISettings, cached_posterior, cached_svi
 from .report import markdown_table, provenance, read_sealed_json, write_json, write_markdown
 from .robustness_study import ARMS, run_dir_for, weights_digest
 from .runs import Stopwatch, is_finished, resolve_device, split_windows
@@ -240,6 +242,9 @@ class ArmScores:
     signals: dict[str, dict[str, dict[str, np.ndarray]]]
     facts: list[dict[str, Any]]
     cost: dict[str, float]
+    matched: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    """Under each embedding-noise condition, the record of the particle filter told the noise level (its emission
+    matched to it: :data:`~experiments.posterior_scores.MATCHED`), ``(seeds, windows, L)`` per field."""
 
 
 def _stack(per_seed: Sequence[Scores], attribute: str) -> dict[str, dict[str, np.ndarray]]:
@@ -272,6 +277,7 @@ def score_arm(arm: str, runs: dict[int, Path], args: argparse.Namespace) -> ArmS
     settings = PosteriorSettings(windows=args.windows, length=args.window_length, particles=args.particles)
     device = resolve_device(args.device)
     per_method: dict[str, list[Scores]] = {k: [] for k in METHODS}
+    matched: list[Scores] = []
     members, facts = [], []
     window_sets = []
     for seed, run_dir in runs.items():
@@ -287,6 +293,7 @@ def score_arm(arm: str, runs: dict[int, Path], args: argparse.Namespace) -> ArmS
         for key, s in baselines.items():
             per_method[key].append(s)
         per_method["smc"].append(posterior_as_scores(arrays, post_facts, list(windows)))
+        matched.append(posterior_as_scores(arrays, post_facts, [label + MATCHED for label in windows]))
         if arm in args.svi_arms:
             svi_facts, svi_arrays = cached_svi(run_dir, args.out / "posterior" / f"{name}.svi", settings,
                                                SVISettings(tuple(args.svi_conditions)), post_facts["tau"],
@@ -303,7 +310,8 @@ def score_arm(arm: str, runs: dict[int, Path], args: argparse.Namespace) -> ArmS
     per_method = {k: v for k, v in per_method.items() if v}
     return ArmScores({k: _stack(v, "records") for k, v in per_method.items()},
                      {k: _stack(v, "signals") for k, v in per_method.items()}, facts,
-                     {k: float(np.mean([s.seconds_per_position for s in v])) for k, v in per_method.items()})
+                     {k: float(np.mean([s.seconds_per_position for s in v])) for k, v in per_method.items()},
+                     {label.removesuffix(MATCHED): r for label, r in _stack(matched, "records").items()})
 
 
 def _laplace(trained: TrainedModel) -> tuple[LastLayerLaplace, dict[float, float]]:
@@ -432,14 +440,15 @@ noise: Bayesian denoising, its best case."""
 
 
 def denoising(scores: ArmScores, draws: int, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Under each embedding-noise condition: does the particle filter's posterior predictive beat decoding the noisy
-    embeddings directly (MAP)? The difference posterior - MAP in BPC and ECE, paired bootstrap."""
+    """Under each embedding-noise condition: does the posterior predictive of the particle filter told the noise
+    level (its emission matched to it) beat decoding the noisy embeddings directly (MAP)? The difference posterior -
+    MAP in BPC and ECE, paired bootstrap."""
     out: dict[str, dict[str, Any]] = {}
     for label in NOISE_LABELS:
         out[label] = {}
         for criterion in ("bpc", "ece"):
             stat = statistic(criterion, label)
-            arrays = {f"p:{k}": v for k, v in contender_arrays(scores, criterion, label, "smc", None).items()}
+            arrays = {f"p:{k}": scores.matched[label][k] for k in ("nll", "confidence", "correct")}
             arrays |= {f"m:{k}": v for k, v in contender_arrays(scores, criterion, label, "map", None).items()}
 
             def difference(a: dict[str, np.ndarray]) -> float:
@@ -677,10 +686,12 @@ def headline(summary: dict[str, Any]) -> list[str]:
     cells = sum(len(c) for rec in arms.values() for c in rec["verdicts"].values())
     map_best = sum(f["map_limit_best"] for rec in arms.values() for f in rec["facts"])
     models = sum(len(rec["facts"]) for rec in arms.values())
-    lines = [f"- Fitting tau on validation: the `tau -> 0` limit (the MAP predictive) is at least as good as every "
-             f"positive tau for {map_best} of {models} models; the best positive tau is the grid's smallest for "
-             f"{sum(f['tau_ratio'] == min(summary['settings']['tau_ratios']) for rec in arms.values() for f in rec['facts'])}"
-             f" of {models}."]
+    smallest = sum(f["tau_ratio"] == min(summary["settings"]["tau_ratios"]) for rec in arms.values()
+                   for f in rec["facts"])
+    tau_line = (f"- Fitting tau on validation: the `tau -> 0` limit (the MAP predictive) is at least as good as every "
+                f"positive tau for {map_best} of {models} models; the best positive tau is the grid's smallest for "
+                f"{smallest} of {models}.")
+    lines = []
     if wins:
         family_of = {c.label: c.family for c in CONDITIONS}
         groups: dict[str, dict[str, set[str]]] = {}
@@ -702,6 +713,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
     lines.append(f"- Bayesian denoising: under embedding noise, the posterior (its emission matched to the noise) "
                  f"predicts better than decoding the noisy embeddings directly in {len(better)} of "
                  f"{sum(len(rec['denoising']) for rec in arms.values())} (arm, level) cells (BPC).")
+    lines.append(tau_line)
     costs = [f"{cost_ratio(arms, m):.0f} times ({METHODS[m][0]})" for m in POSTERIORS if cost_ratio(arms, m)]
     lines.append(f"- The latent posterior costs {' and '.join(costs)} the deep ensemble per position (mean over the "
                  "arms).")

@@ -14,7 +14,7 @@ import torch
 import experiments.posterior_scores as posterior_scores
 from experiments.cli import main as cli_main
 from experiments.perturbations import Perturbation
-from experiments.posterior_scores import PosteriorSettings, cached_posterior
+from experiments.posterior_scores import MATCHED, PosteriorSettings, cached_posterior
 from experiments.results_page import UNCERTAINTY_BLOCK
 from experiments.robustness_study import ARMS, weights_digest
 from experiments.shift_conditions import CONDITIONS, Condition, condition_windows
@@ -82,7 +82,7 @@ def test_every_condition_has_a_family_of_the_verdict_table() -> None:
     assert {c.label for c in CONDITIONS} >= set(STRONGEST.values())
 
 
-def test_the_posterior_fits_tau_on_a_grid_with_the_map_limit_and_matches_the_emission_to_the_noise(
+def test_the_posterior_fits_tau_on_a_grid_with_the_map_limit_reads_shifts_blind_and_denoises_told_the_noise(
         tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
     record = posterior_scores.smc_record
@@ -98,11 +98,16 @@ def test_the_posterior_fits_tau_on_a_grid_with_the_map_limit_and_matches_the_emi
     assert facts["tau_ratio"] in SMALL.tau_ratios and math.isclose(facts["tau"], facts["tau_ratio"] * facts["sigma"])
     best = min(facts["tau_curve"][f"{r:g}"] for r in SMALL.tau_ratios)
     assert facts["map_limit_best"] == (facts["tau_curve"]["0"] <= best)
-    for tau, scale in seen[len(SMALL.tau_ratios):]:  # the conditions, after the fit
-        assert math.isclose(tau, math.hypot(facts["tau"], scale))
-    assert any(scale > 0 for _, scale in seen)
-    assert set(arrays) == {f"{label}/{f}" for label in SMALL.conditions
-                           for f in ("nll", "correct", "confidence", "brier", "entropy", "mi", "ess", "margin")}
+    runs = seen[len(SMALL.tau_ratios):]  # the conditions, after the fit
+    noisy = [scale for _, scale in runs if scale > 0]
+    assert len(noisy) == 2 * len(NOISE_LABELS)  # each noisy condition: blind, then told the noise
+    assert [tau for tau, scale in runs if scale == 0] == [facts["tau"]] * (len(runs) - len(noisy))
+    blind_then_matched = [tau for tau, scale in runs if scale > 0]
+    assert blind_then_matched[0::2] == [facts["tau"]] * len(NOISE_LABELS)
+    assert all(math.isclose(t, math.hypot(facts["tau"], s)) for t, s in zip(blind_then_matched[1::2], noisy[1::2]))
+    fields = ("nll", "correct", "confidence", "brier", "entropy", "mi", "ess", "margin")
+    assert set(arrays) == ({f"{label}/{f}" for label in SMALL.conditions for f in fields}
+                           | {f"{label}{MATCHED}/{f}" for label in NOISE_LABELS for f in fields})
     assert all(a.shape == (2, 8) for a in arrays.values())
 
 
