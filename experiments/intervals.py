@@ -43,7 +43,7 @@ def paired_bootstrap(arrays: Mapping[str, np.ndarray], statistic: Statistic, dra
     """
     shapes = {a.shape[:2] for a in arrays.values()}
     if len(shapes) != 1 or any(a.ndim < 2 for a in arrays.values()):
-        raise ValueError(f"the arrays must share their (seeds, windows) dimensions, got {sorted(shapes)}")
+        raise ValueError(f"the arrays must share their (seeds, windows) shape, got {sorted(shapes)}")
     n_seeds, n_windows = shapes.pop()
     if n_seeds < 1 or n_windows < 1:
         raise ValueError("need at least one seed and one window")

@@ -50,7 +50,7 @@ from .report import read_sealed_json, write_sealed_json
 from .shift_conditions import CONDITIONS, ConditionWindows, condition_windows
 from .uncertainty_metrics import predictive_record
 
-__all__ = ["POSTERIOR_FIELDS", "TAU_RATIOS", "PosteriorSettings", "SVISettings", "cached_arrays", "cached_posterior",
+__all__ = ["MATCHED", "TAU_RATIOS", "PosteriorSettings", "SVISettings", "cached_arrays", "cached_posterior",
            "cached_svi", "filter_record", "posterior_scores", "smc_record", "svi_scores"]
 
 TAU_RATIOS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
@@ -60,9 +60,6 @@ of ``sigma`` (CE-only's ``sigma`` is 0.075 and it loses a bit per character unde
 
 MATCHED = "+matched"
 """Appended to an embedding-noise condition's label: the posterior whose emission is matched to the noise."""
-
-POSTERIOR_FIELDS = ("mi", "ess", "margin")
-"""The posterior's own per-position signals, beside the predictive's record."""
 
 
 @dataclass(frozen=True)

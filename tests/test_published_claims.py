@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from experiments.calibrated_comparisons import recommendation_markdown
-from experiments.results_page import README_BLOCK, build, readme_with_recommendation
+from experiments.intervals import Interval, verdict
+from experiments.results_page import (
+    README_BLOCK,
+    UNCERTAINTY_BLOCK,
+    build,
+    readme_with_block,
+    readme_with_recommendation,
+)
+from experiments.uncertainty_study import CRITERIA, STRONGEST, summary_markdown
 
 ROOT = Path(__file__).parents[1]
 SUMMARY = ROOT / "results" / "robustness_study" / "summary.json"
@@ -64,3 +72,30 @@ def test_every_number_of_readmes_summary_of_the_reproduction_is_on_the_generated
     ours = re.sub(r"paper \+?\d+(\.\d+)?%?", "", paragraph)  # the paper's numbers are quoted, not ours
     numbers = re.findall(r"[+-]?\d+\.\d+|[+-]\d+", ours)
     assert numbers and [n for n in numbers if n not in generated] == []
+
+
+UNCERTAINTY = ROOT / "results" / "uncertainty_study" / "summary.json"
+
+
+@pytest.fixture(scope="module")
+def uncertainty() -> dict:
+    return json.loads(UNCERTAINTY.read_text())
+
+
+def test_readmes_uncertainty_verdict_is_the_one_the_committed_summary_gives(uncertainty: dict) -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert UNCERTAINTY_BLOCK[0] in readme and UNCERTAINTY_BLOCK[1] in readme
+    assert readme_with_block(readme, UNCERTAINTY_BLOCK, summary_markdown(uncertainty)) == readme
+    page = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert summary_markdown(uncertainty) in page
+
+
+def test_every_arm_of_the_uncertainty_study_has_three_seeds_and_a_verdict_per_shift_and_criterion(
+        uncertainty: dict) -> None:
+    for arm, record in uncertainty["arms"].items():
+        assert len({f["seed"] for f in record["facts"]}) >= 3, arm
+        for label in STRONGEST.values():
+            expected = set(CRITERIA) - ({"shift_auroc"} if label == "clean" else set())
+            assert set(record["verdicts"][label]) == expected
+            for cell in record["verdicts"][label].values():
+                assert cell["verdict"] == verdict(Interval(**cell["difference"]))
