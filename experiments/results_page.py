@@ -34,7 +34,7 @@ from .decoding_study import run_facts, signal_table
 from .regularization_path import OPTIMUM_KEYS, draws_phrase
 from .report import markdown_table
 from .robustness_study import comparison_tables, matched_table
-from .uncertainty_study import (
+from .uncertainty_report import (
     SELECTION,
     cost_table,
     denoising_table,

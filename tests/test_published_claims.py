@@ -17,7 +17,8 @@ from experiments.results_page import (
     readme_with_block,
     readme_with_recommendation,
 )
-from experiments.uncertainty_study import CRITERIA, STRONGEST, summary_markdown
+from experiments.uncertainty_report import summary_markdown
+from experiments.uncertainty_verdicts import CRITERIA, STRONGEST
 
 ROOT = Path(__file__).parents[1]
 SUMMARY = ROOT / "results" / "robustness_study" / "summary.json"

@@ -18,15 +18,9 @@ from experiments.posterior_scores import MATCHED, PosteriorSettings, cached_post
 from experiments.results_page import UNCERTAINTY_BLOCK
 from experiments.robustness_study import ARMS, weights_digest
 from experiments.shift_conditions import CONDITIONS, Condition, condition_windows
-from experiments.uncertainty_study import (
-    BASELINES,
-    CRITERIA,
-    METHODS,
-    NOISE_LABELS,
-    POSTERIORS,
-    STRONGEST,
-    summary_markdown,
-)
+from experiments.uncertainty_methods import BASELINES, METHODS, POSTERIORS
+from experiments.uncertainty_report import summary_markdown
+from experiments.uncertainty_verdicts import CRITERIA, NOISE_LABELS, STRONGEST
 from inference.map import MAPTrainer, load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
