@@ -30,19 +30,27 @@ def tau_table(arms: dict[str, dict[str, Any]]) -> str:
     """The fitted tau per arm: validation NLL of the posterior predictive at each tau / sigma, relative to the
     ``tau -> 0`` limit (the MAP predictive), mean over seeds."""
     ratios = list(next(iter(arms.values()))["facts"][0]["tau_curve"])
-    headers = ["arm", "sigma (empirical Bayes)", "sigma (learned in training)",
+    headers = ["arm", "sigma (empirical Bayes)", "sigma (learned in training, end of the run)",
                *[f"tau = {r} sigma" for r in ratios[1:]], "best tau / sigma (per seed)", "MAP limit best"]
     rows = []
     for arm, rec in arms.items():
         facts = rec["facts"]
         deltas = [np.mean([(f["tau_curve"][r] - f["tau_curve"]["0"]) / math.log(2.0) for f in facts])
                   for r in ratios[1:]]
-        learned = [f["learned_sigma"] for f in facts if f["learned_sigma"] is not None]
-        rows.append([arm, np.mean([f["sigma"] for f in facts]), np.mean(learned) if learned else "-",
+        rows.append([arm, np.mean([f["sigma"] for f in facts]), _learned_sigma(facts),
                      *[f"{d:+.4f}" for d in deltas],
                      "/".join(f"{f['tau_ratio']:g}" for f in facts),
                      f"{sum(f['map_limit_best'] for f in facts)} of {len(facts)} seeds"])
     return markdown_table(headers, rows, digits=4)
+
+
+def _learned_sigma(facts: list[dict[str, Any]]) -> str:
+    """The sigma a run learned (mean over seeds) and how much it still moved in its last epoch, or ``-``."""
+    paths = [f["learned_sigma_last_epochs"] for f in facts if f.get("learned_sigma_last_epochs")]
+    if not paths:
+        return "-"
+    last, change = np.mean([p[-1] for p in paths]), np.mean([p[-1] - p[0] for p in paths])
+    return f"{last:.4f} ({change:+.4f} in the last epoch)"
 
 
 def fitted_baselines_table(arms: dict[str, dict[str, Any]]) -> str:

@@ -35,6 +35,7 @@ in :mod:`experiments.uncertainty_verdicts`, the tables, figures and headline in 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from inference.checkpoint import find_checkpoint, read_config
-from inference.map import CHECKPOINT_DIR, device_name, load_trained
+from inference.map import CHECKPOINT_DIR, HISTORY_FILE, device_name, load_trained
 from inference.map.config import PRESETS
 
 from .flags import add_device_flag, add_out_flag, add_progress_flag, positive_int
@@ -146,6 +147,15 @@ def finished_runs(args: argparse.Namespace) -> dict[tuple[str, int], Path]:
     return runs
 
 
+def learned_sigma_path(run_dir: Path, epochs: int = 2) -> list[float] | None:
+    """The prior's learned sigma at the end of the run's last ``epochs`` epochs (its history), or ``None`` for a run
+    that did not learn it."""
+    record = json.loads((run_dir / HISTORY_FILE).read_text())
+    if not record["config"]["run"]["prior"]["learn_sigma"]:
+        return None
+    return [row["sigma"] for row in record["history"][-epochs:]]
+
+
 def score_arm(arm: str, runs: dict[int, Path], args: argparse.Namespace) -> ArmScores:
     """Every method of ``arm`` on every condition, one model per seed (``runs``: seed -> run), the ensemble made of
     all of them."""
@@ -177,7 +187,8 @@ def score_arm(arm: str, runs: dict[int, Path], args: argparse.Namespace) -> ArmS
             post_facts = {**post_facts, "svi": svi_facts}
         members.append(member)
         window_sets.append(windows)
-        facts.append({"seed": seed, "run_dir": str(run_dir), "temperature": temperature,
+        facts.append({"seed": seed, "run_dir": str(run_dir), "learned_sigma_last_epochs": learned_sigma_path(run_dir),
+                      "temperature": temperature,
                       "temperature_from": source, "laplace_prior_precision": laplace.prior_precision,
                       "laplace_curve": {f"{k:g}": v for k, v in delta_curve.items()}, **post_facts})
     ensemble = ensemble_scores(members, window_sets[0], sum(s.seconds_per_position for s in per_method["map"]))
