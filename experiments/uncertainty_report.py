@@ -86,6 +86,12 @@ def metrics_table(arm: dict[str, Any], labels: Sequence[str]) -> str:
     return markdown_table(headers, rows)
 
 
+def _verdict_cell(cell: dict[str, Any]) -> str:
+    """``"**better** -0.123 [-0.200, -0.050]"``: a verdict with its difference and interval."""
+    d = cell["difference"]
+    return f"{VERDICT_MARKS[cell['verdict']]} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
 def posterior_verdict_table(arms: dict[str, dict[str, Any]]) -> str:
     """Per family (strongest level) and criterion: the posterior against the best baseline, per arm (n.d.: not
     distinguishable)."""
@@ -99,9 +105,7 @@ def posterior_verdict_table(arms: dict[str, dict[str, Any]]) -> str:
             cells = []
             for arm in names:
                 c = arms[arm]["verdicts"][label][criterion]
-                d = c["difference"]
-                cells.append(f"{VERDICT_MARKS[c['verdict']]} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
-                             f"vs {contender_name(c['best_baseline'])}")
+                cells.append(f"{_verdict_cell(c)} vs {contender_name(c['best_baseline'])}")
             rows.append([f"{FAMILY_NAMES[family]} ({label})", cname, *cells])
     return markdown_table(headers, rows)
 
@@ -113,9 +117,7 @@ def denoising_table(arms: dict[str, dict[str, Any]]) -> str:
         for criterion in ("bpc", "ece"):
             cells = []
             for rec in arms.values():
-                c = rec["denoising"][label][criterion]
-                d = c["difference"]
-                cells.append(f"{VERDICT_MARKS[c['verdict']]} {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+                cells.append(_verdict_cell(rec["denoising"][label][criterion]))
             rows.append([label, CRITERIA[criterion][0], *cells])
     return markdown_table(["condition", "criterion", *arms], rows)
 
@@ -133,7 +135,8 @@ def family_table(families: dict[str, dict[str, Any]]) -> str:
                 continue
             cell = criteria[criterion]
             names = [contender_name(b) for b in cell["best_baseline"].values()]
-            best = ", ".join(f"{n} ({names.count(n)})" for n in sorted(set(names), key=lambda n: -names.count(n)))
+            ranked = sorted(set(names), key=lambda n: (-names.count(n), n))
+            best = ", ".join(f"{n} ({names.count(n)})" for n in ranked)
             verdicts = list(cell["posterior"].values())
             row.append(f"{best}; posterior: {verdicts.count('better')} better, "
                        f"{verdicts.count('not distinguishable')} n.d., {verdicts.count('worse')} worse")

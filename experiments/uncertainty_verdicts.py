@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import ECE_BINS
-from .intervals import paired_bootstrap, verdict
+from .intervals import Interval, paired_bootstrap, verdict
 from .selective import aurc, auroc
 from .shift_conditions import CONDITIONS
 from .uncertainty_methods import BASELINES, METHODS, POSTERIORS, ArmScores, available
@@ -36,8 +36,8 @@ CRITERIA: dict[str, tuple[str, bool]] = {"bpc": ("bits per character", True), "e
 """Criterion -> (name, lower is better)."""
 
 NOISE_LABELS = tuple(c.label for c in CONDITIONS if c.family in ("noise", "relative_noise"))
-"""The embedding-noise conditions, where the posterior reads the noisy embeddings with its emission matched to the
-noise: Bayesian denoising, its best case."""
+"""The embedding-noise conditions, where the particle filter also runs told the noise level (its emission matched to
+it): Bayesian denoising, its best case, asked against decoding the noisy embeddings."""
 
 
 def contenders(scores: ArmScores, criterion: str, label: str) -> list[tuple[str, str | None]]:
@@ -81,7 +81,7 @@ def point_metrics(scores: ArmScores) -> dict[str, dict[str, Any]]:
         out[label] = {}
         for method in available(scores, label):
             record = scores.records[method][label]
-            entry: dict[str, Any] = record_metrics({k: v for k, v in record.items()})
+            entry: dict[str, Any] = record_metrics(record)
             errors = ~record["correct"]
             entry["signals"] = {}
             for s, sig in scores.signals[method][label].items():
@@ -106,6 +106,19 @@ def _value(metrics: dict[str, Any], criterion: str, method: str, signal: str | N
     return entry["signals"][signal].get(criterion)
 
 
+def paired_difference(stat: Callable[[dict[str, np.ndarray]], float], first: dict[str, np.ndarray],
+                      second: dict[str, np.ndarray], sign: float, draws: int, seed: int) -> Interval:
+    """``sign * (stat(first) - stat(second))`` with its paired bootstrap interval: both contenders' arrays
+    ``(seeds, windows, ...)`` resampled by the same seeds and windows."""
+    arrays = {f"a:{k}": v for k, v in first.items()} | {f"b:{k}": v for k, v in second.items()}
+
+    def difference(a: dict[str, np.ndarray]) -> float:
+        return sign * (stat({k[2:]: v for k, v in a.items() if k.startswith("a:")})
+                       - stat({k[2:]: v for k, v in a.items() if k.startswith("b:")}))
+
+    return paired_bootstrap(arrays, difference, draws=draws, seed=seed)
+
+
 def verdicts(scores: ArmScores, metrics: dict[str, dict[str, Any]], labels: Sequence[str], draws: int,
              seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per condition and criterion: the best baseline and the best posterior contender (by point estimate) and the
@@ -125,16 +138,10 @@ def verdicts(scores: ArmScores, metrics: dict[str, dict[str, Any]], labels: Sequ
 
             base = best([r for r in ranked if r[0] in BASELINES])
             post = best([r for r in ranked if r[0] in POSTERIORS])
-            stat = statistic(criterion, label)
-            arrays = {f"p:{k}": v for k, v in contender_arrays(scores, criterion, label, post[0], post[1]).items()}
-            arrays |= {f"b:{k}": v for k, v in contender_arrays(scores, criterion, label, base[0], base[1]).items()}
-
-            def difference(a: dict[str, np.ndarray]) -> float:
-                p = stat({k[2:]: v for k, v in a.items() if k.startswith("p:")})
-                b = stat({k[2:]: v for k, v in a.items() if k.startswith("b:")})
-                return sign * (p - b)
-
-            interval = paired_bootstrap(arrays, difference, draws=draws, seed=seed)
+            interval = paired_difference(statistic(criterion, label),
+                                         contender_arrays(scores, criterion, label, post[0], post[1]),
+                                         contender_arrays(scores, criterion, label, base[0], base[1]),
+                                         sign, draws, seed)
             out[label][criterion] = {"posterior": _contender(post), "best_baseline": _contender(base),
                                      "difference": interval.to_dict(), "verdict": verdict(interval)}
     return out
@@ -148,15 +155,9 @@ def denoising(scores: ArmScores, draws: int, seed: int = 0) -> dict[str, dict[st
     for label in NOISE_LABELS:
         out[label] = {}
         for criterion in ("bpc", "ece"):
-            stat = statistic(criterion, label)
-            arrays = {f"p:{k}": scores.matched[label][k] for k in ("nll", "confidence", "correct")}
-            arrays |= {f"m:{k}": v for k, v in contender_arrays(scores, criterion, label, "map", None).items()}
-
-            def difference(a: dict[str, np.ndarray]) -> float:
-                return (stat({k[2:]: v for k, v in a.items() if k.startswith("p:")})
-                        - stat({k[2:]: v for k, v in a.items() if k.startswith("m:")}))
-
-            interval = paired_bootstrap(arrays, difference, draws=draws, seed=seed)
+            interval = paired_difference(statistic(criterion, label),
+                                         {k: scores.matched[label][k] for k in ("nll", "confidence", "correct")},
+                                         contender_arrays(scores, criterion, label, "map", None), 1.0, draws, seed)
             out[label][criterion] = {"difference": interval.to_dict(), "verdict": verdict(interval)}
     return out
 
