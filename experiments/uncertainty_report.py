@@ -186,21 +186,26 @@ def plot_tau(arms: dict[str, dict[str, Any]], path: Path) -> Path:
 
 def plot_reliability(scores: ArmScores, labels: Sequence[str], arm: str, path: Path) -> Path:
     """Reliability diagrams (accuracy against confidence, :data:`ECE_BINS` bins, pooled over seeds) of every
-    method on ``labels``."""
+    method on ``labels``, and under embedding noise of the particle filter told the noise level (dashed)."""
     fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 4), squeeze=False)
-    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
     for ax, label in zip(axes[0], labels):
-        for method in available(scores, label):
-            name, rec = METHODS[method][0], scores.records[method][label]
-            conf, hit = rec["confidence"].reshape(-1), rec["correct"].reshape(-1)
-            which = np.clip(np.digitize(conf, edges[1:-1]), 0, ECE_BINS - 1)
-            keep = [b for b in range(ECE_BINS) if (which == b).any()]
-            ax.plot([conf[which == b].mean() for b in keep], [hit[which == b].mean() for b in keep], marker=".",
+        curves = [(METHODS[m][0], scores.records[m][label], "-") for m in available(scores, label)]
+        if label in scores.matched:
+            curves.append((f"{METHODS['smc'][0]}, told the noise level", scores.matched[label], "--"))
+        for name, rec, style in curves:
+            ax.plot(*_reliability(rec["confidence"].reshape(-1), rec["correct"].reshape(-1)), marker=".", ls=style,
                     label=name)
-        ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
+        ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":")
         ax.set(xlabel="confidence (max p)", ylabel="accuracy", title=f"{arm}: {label}")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     return save(fig, path)
+
+
+def _reliability(confidence: np.ndarray, correct: np.ndarray) -> tuple[list[float], list[float]]:
+    """Mean confidence and accuracy in each non-empty bin of :data:`ECE_BINS` equal-width bins."""
+    which = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1]), 0, ECE_BINS - 1)
+    keep = [b for b in range(ECE_BINS) if (which == b).any()]
+    return [float(confidence[which == b].mean()) for b in keep], [float(correct[which == b].mean()) for b in keep]
 
 
 def plot_risk_coverage(scores: ArmScores, labels: Sequence[str], arm: str, path: Path) -> Path:

@@ -19,8 +19,9 @@ replace it.
 
 ``tau`` -- how far the latent embedding may stray from its character's embedding. ``tau -> 0`` pins
 ``x`` to ``embed(y)`` (the MAP model, no posterior spread); large ``tau`` lets the prior and the
-next-character likelihood dominate. It is a setting, not fitted; :meth:`TrajectoryModel.from_trained`
-uses ``tau = tau_ratio * sigma`` (default ratio 0.5).
+next-character likelihood dominate. :meth:`TrajectoryModel.from_trained` uses ``tau = tau_ratio * sigma`` (default
+ratio 0.5); the uncertainty study fits the ratio by validation predictive likelihood
+(:mod:`experiments.posterior_scores`).
 
 The network's parameters are constants here: the model never calls ``pyro.module``, so Pyro's
 inference (SVI, SMC) learns only guides; :func:`frozen` also turns off their gradients.
