@@ -18,7 +18,9 @@ Bayes on training windows):
 
 Per position it keeps the predictive's record (:func:`~experiments.uncertainty_metrics.predictive_record`) and the
 posterior's own signals: the mutual information between the next character and the trajectory (``mi``), the
-effective sample size (``ess``) and the prior's log-det margin (``margin``, eq. 25).
+effective sample size (``ess``) and the prior's log-det margin (``margin``, eq. 25). The filtering SVI posterior
+(:func:`svi_scores`, :mod:`inference.svi_filter`) is scored the same way, without ``ess``, on a few conditions
+(:class:`SVISettings`), at the particle filter's ``tau*``.
 
 A model's scores are cached in ``<name>.npz`` (the arrays) beside ``<name>.json`` (sealed: the settings, the
 weights' digest, the arrays' digest, the tau curve and the costs); a cache is used only when all of them match.
