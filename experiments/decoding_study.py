@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from inference.map import device_name, load_trained
 from inference.posterior import PredictiveSignals, SVIConfig, convergence, to_inference_data
 from inference.smc import TrajectorySMC
-from inference.svi_filter import SVIFilter, elbo_settling, filter_draws
+from inference.svi_filter import SVIFilter, filter_draws, settling_summary
 from inference.trajectory import TrajectoryModel
 from prob_attention.corpus import eval_windows
 from prob_attention.weighted_moments import entropy
@@ -66,6 +66,7 @@ from .plots import plt
 from .report import markdown_table, provenance, write_json, write_markdown
 from .runs import Stopwatch, resolve_device
 from .selective import aurc, auroc, cross_fitted_logistic, oracle_aurc, risk_coverage
+from .shift_conditions import evenly_spaced
 
 HELP = "AUROC / AURC of posterior uncertainty signals for predicting next-character errors (held-out windows)"
 
@@ -136,11 +137,10 @@ def held_out_windows(splits: tuple[torch.Tensor, ...], count: int,
     ``(n, L)`` and each window's split index ``(n,)``."""
     inputs, targets, split_of = [], [], []
     for index, split in enumerate(splits):
-        x, y = eval_windows(split, length)
-        pick = torch.from_numpy(np.linspace(0, x.shape[0] - 1, min(count, x.shape[0])).round().astype(np.int64))
-        inputs.append(x[pick])
-        targets.append(y[pick])
-        split_of.append(torch.full((pick.numel(),), index))
+        x, y = evenly_spaced(*eval_windows(split, length), count)
+        inputs.append(x)
+        targets.append(y)
+        split_of.append(torch.full((x.shape[0],), index))
     return torch.cat(inputs), torch.cat(targets), torch.cat(split_of)
 
 
@@ -198,7 +198,7 @@ def svi_arm(model: TrajectoryModel, inputs: torch.Tensor, targets: torch.Tensor,
         losses += svi.losses
     cost = {**_cost(time.perf_counter() - started, len(wrong)), "steps_per_position": config.steps}
     facts = {"guide": config.guide, "lr": config.lr,
-             "elbo_particles": config.num_particles, "draws": args.particles, "elbo": _settling(losses),
+             "elbo_particles": config.num_particles, "draws": args.particles, "elbo": settling_summary(losses),
              "arviz": _arviz(model, inputs[0], targets[0], config, args.svi_chains)}
     return Arm(columns, float(np.mean(wrong)), cost, {"svi": facts})
 
@@ -210,15 +210,6 @@ def _wrong(signals: list[PredictiveSignals], targets: torch.Tensor) -> list[bool
 
 def _cost(seconds: float, positions: int) -> dict[str, float]:
     return {"seconds": seconds, "seconds_per_position": seconds / positions}
-
-
-def _settling(losses: list[list[float]]) -> dict[str, float] | None:
-    """The summary of :func:`elbo_settling` over every refit (``None`` with one step per refit: nothing to compare)."""
-    if len(losses[0]) < 2:
-        return None
-    drops, unsettled = elbo_settling(losses)
-    return {"drop_median": float(np.median(drops)), "drop_p90": float(np.quantile(drops, 0.9)),
-            "unsettled_fraction": float(unsettled.mean()), "refits": len(losses)}
 
 
 def _arviz(model: TrajectoryModel, idx: torch.Tensor, next_chars: torch.Tensor, config: SVIConfig,

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from inference.checkpoint import write_bytes_atomic
 from inference.map import TrainedModel, load_trained
 from inference.posterior import SequentialFilter, SVIConfig
 from inference.smc import TrajectorySMC
-from inference.svi_filter import SVIFilter, elbo_settling
+from inference.svi_filter import SVIFilter, settling_summary
 from inference.trajectory import TrajectoryModel
 
 from .decode import trajectory_model
@@ -184,10 +185,7 @@ def cached_arrays(cache: Path, key: dict[str, Any], compute: Callable[[], tuple[
     facts, arrays = compute()
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.parent / f"{cache.name}.npz.tmp"
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(arrays_path)
+    write_bytes_atomic(arrays_path, buffer.getvalue())
     write_sealed_json(meta_path, {**key, "arrays_sha256": _digest(arrays_path), "facts": facts})
     return facts, arrays
 
@@ -263,16 +261,8 @@ def svi_scores(trained: TrainedModel, settings: PosteriorSettings, svi: SVISetti
             arrays |= _keyed(label + MATCHED, run(math.hypot(tau, windows.noise_scale)))
         losses += [fit for f in filters for fit in f.losses]
         say(label)
-    facts = {"tau": tau, "seconds_per_position": seconds / positions, "elbo": _settling(losses)}
+    facts = {"tau": tau, "seconds_per_position": seconds / positions, "elbo": settling_summary(losses)}
     return facts, arrays
-
-
-def _settling(losses: list[list[float]]) -> dict[str, float] | None:
-    """Whether the refits' ELBO had settled (:func:`~inference.svi_filter.elbo_settling`); ``None`` with one step."""
-    if len(losses[0]) < 2:
-        return None
-    drops, unsettled = elbo_settling(losses)
-    return {"drop_median": float(np.median(drops)), "unsettled_fraction": float(unsettled.mean())}
 
 
 def cached_svi(run_dir: Path, cache: Path, settings: PosteriorSettings, svi: SVISettings, tau: float,

@@ -166,9 +166,9 @@ def score_arm(arm: str, runs: dict[int, Path], args: argparse.Namespace) -> ArmS
     members, facts = [], []
     window_sets = []
     for seed, run_dir in runs.items():
-        name = f"{arm}-seed{seed}"
-        post_facts, arrays = cached_posterior(run_dir, args.out / "posterior" / name, settings, weights_digest(run_dir),
-                                              str(device), progress=args.progress)
+        name, digest = f"{arm}-seed{seed}", weights_digest(run_dir)
+        post_facts, arrays = cached_posterior(run_dir, args.out / "posterior" / name, settings, digest, str(device),
+                                              progress=args.progress)
         trained = load_trained(run_dir, map_location=device)
         windows = {c.label: condition_windows(trained, c, settings.windows, settings.length, settings.seed)
                    for c in CONDITIONS if c.label in settings.conditions}
@@ -181,8 +181,8 @@ def score_arm(arm: str, runs: dict[int, Path], args: argparse.Namespace) -> ArmS
         matched.append(posterior_as_scores(arrays, post_facts, [label + MATCHED for label in windows]))
         if arm in args.svi_arms:
             svi_facts, svi_arrays = cached_svi(run_dir, args.out / "posterior" / f"{name}.svi", settings,
-                                               SVISettings(tuple(args.svi_conditions)), post_facts["tau"],
-                                               weights_digest(run_dir), str(device), progress=args.progress)
+                                               SVISettings(tuple(args.svi_conditions)), post_facts["tau"], digest,
+                                               str(device), progress=args.progress)
             per_method["svi"].append(posterior_as_scores(svi_arrays, svi_facts, list(windows)))
             post_facts = {**post_facts, "svi": svi_facts}
         members.append(member)

@@ -64,6 +64,7 @@ __all__ = [
     "remove_checkpoint",
     "require_regular_or_new",
     "save_checkpoint",
+    "write_bytes_atomic",
     "write_text_atomic",
 ]
 
@@ -510,14 +511,19 @@ def require_regular_or_new(path: str | os.PathLike[str]) -> Path:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a fsynced temporary sibling and a rename, creating the folder:
+    """Write ``text`` (UTF-8) to ``path`` as :func:`write_bytes_atomic` does."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a fsynced temporary sibling and a rename, creating the folder:
     a reader (or a crash) sees the old file or the new one, never half of one. ``path`` must be a regular
     file or new (:func:`require_regular_or_new`)."""
     path = require_regular_or_new(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _write_text(tmp, text)
+        _write_bytes(tmp, data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

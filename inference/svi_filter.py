@@ -55,7 +55,7 @@ from torch.distributions.transforms import ReshapeTransform
 from .posterior import PredictiveSignals, SequentialFilter, SVIConfig, samples_signals
 from .trajectory import TrajectoryModel, frozen
 
-__all__ = ["SVIFilter", "elbo_settling", "filter_draws"]
+__all__ = ["SVIFilter", "elbo_settling", "filter_draws", "settling_summary"]
 
 
 class SVIFilter(SequentialFilter):
@@ -229,3 +229,14 @@ def elbo_settling(losses: Sequence[Sequence[float]], z: float = 2.0) -> tuple[np
         drops.append(drop)
         unsettled.append(drop > z * noise * np.sqrt(1 / half + 1 / (trace.size - half)))
     return np.asarray(drops), np.asarray(unsettled, dtype=bool)
+
+
+def settling_summary(losses: Sequence[Sequence[float]]) -> dict[str, float] | None:
+    """:func:`elbo_settling` over every refit, summarised: the median and 90th percentile of the drop within a refit
+    (nats), the fraction of refits still falling and their number; ``None`` with one step per refit (nothing to
+    compare)."""
+    if len(losses[0]) < 2:
+        return None
+    drops, unsettled = elbo_settling(losses)
+    return {"drop_median": float(np.median(drops)), "drop_p90": float(np.quantile(drops, 0.9)),
+            "unsettled_fraction": float(unsettled.mean()), "refits": len(losses)}
